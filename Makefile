@@ -1,0 +1,44 @@
+# Two commands on a fresh Debian/Ubuntu machine: `make demo` and `make test`.
+# Each sets up what is missing (system packages via apt-get when root, a virtual
+# environment with corral and its dependencies) and then runs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EVAL   ?= ../shared/eval
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: setup system demo test test-fast bench lint format clean
+
+setup: system $(STAMP)
+
+system:
+	@bash scripts/setup-system.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "corral setup: installing corral and its dependencies into $(VENV)"
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: setup
+	@$(BIN)/corral demo
+
+test: setup
+	@$(BIN)/python -m pytest -q
+
+bench: setup
+	@$(BIN)/python bench/gate_bench.py --eval $(EVAL)
+
+lint: setup
+	@$(BIN)/ruff check src tests bench
+	@$(BIN)/mypy
+
+format: setup
+	@$(BIN)/ruff check --fix src tests bench
+	@$(BIN)/ruff format src tests bench
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

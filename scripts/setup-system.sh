@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the system packages corral needs, or says exactly what to install.
+# Run by `make setup` (and so by `make demo` and `make test`).
+set -euo pipefail
+
+need=()
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v bwrap >/dev/null || need+=(bubblewrap)
+# libseccomp is what the sandbox's seccomp filter is compiled with.
+ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
+command -v bash >/dev/null || need+=(bash)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  echo "corral setup: installing ${need[*]} with apt-get" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  exit 0
+fi
+
+cat >&2 <<MSG
+corral setup: missing system packages: ${need[*]}
+Install them, then run make again. On Debian or Ubuntu:
+    sudo apt-get install ${need[*]}
+On Fedora: sudo dnf install bubblewrap libseccomp python3
+MSG
+exit 1

@@ -1,0 +1,348 @@
+"""The ``corral`` command line.
+
+Exit codes follow the architecture doc: for ``check``, 0 allow, 1 deny or ask, 2 usage or
+policy error. Heavy modules are imported inside the commands so ``corral check`` starts
+fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from corral import __version__
+from corral.errors import CorralError, PolicyError
+from corral.paths import corral_home, default_ledger_path
+
+if TYPE_CHECKING:
+    from corral.ledger import Ledger
+    from corral.policy import Policy
+
+EXIT_OK = 0
+EXIT_FLAGGED = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 too; keep one message format
+        self.print_usage(sys.stderr)
+        print(f"corral: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _add_state(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--home", help="state directory (default: $CORRAL_HOME or ~/.local/share/corral)"
+    )
+    p.add_argument("--ledger", help="ledger file (default: HOME/ledger.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="corral", description="Contain autonomous AI agents.")
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("check", help="decide about a shell command without running it")
+    c.add_argument("--policy", default="swe", help="preset name or policy file (default: swe)")
+    c.add_argument("--json", action="store_true", help="one JSON object per decision")
+    c.add_argument(
+        "--batch", metavar="FILE", help='JSONL file (or - for stdin) of {"command": ...}'
+    )
+    c.add_argument(
+        "--run-id",
+        default=os.environ.get("CORRAL_RUN_ID"),
+        help="run id recorded with each decision",
+    )
+    c.add_argument("--no-record", action="store_true", help="do not write decisions to the ledger")
+    _add_state(c)
+    c.add_argument("command", nargs="*", help='the command, after "--"')
+
+    p = sub.add_parser("policy", help="validate or show policies")
+    psub = p.add_subparsers(dest="policy_cmd", required=True, parser_class=_Parser)
+    pv = psub.add_parser(
+        "validate", help="check a policy file; exit 2 naming file, line and key if bad"
+    )
+    pv.add_argument("file")
+    ps = psub.add_parser("show", help="print the resolved policy (extends applied)")
+    ps.add_argument("name")
+    ps.add_argument("--json", action="store_true")
+    psub.add_parser("list", help="list the shipped presets")
+
+    lg = sub.add_parser("log", help="print ledger records")
+    lg.add_argument("--run", help="only this run id")
+    lg.add_argument("--alerts", action="store_true", help="only alerts")
+    lg.add_argument("--kind", action="append", help="only these record kinds")
+    lg.add_argument("--limit", type=int, help="at most this many records (the newest)")
+    lg.add_argument("--json", action="store_true", help="one JSON object per record")
+    _add_state(lg)
+
+    v = sub.add_parser("verify", help="check the ledger's hash chain")
+    v.add_argument("ledger_file", nargs="?", help="ledger file (default: the current ledger)")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--home")
+
+    d = sub.add_parser("demo", help="replay the ROME incident through corral")
+    d.add_argument("--policy", default="swe")
+    d.add_argument("--json", action="store_true", help="print the decisions as JSON lines")
+    _add_state(d)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        handler = _HANDLERS[args.cmd]
+        return handler(args)
+    except PolicyError as exc:
+        print(f"corral: policy error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CorralError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- check ------------------------------------------------------------------------------
+
+
+def _ledger_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "ledger", None):
+        return Path(args.ledger).expanduser()
+    return default_ledger_path(args.home)
+
+
+def _open_ledger(args: argparse.Namespace) -> Ledger | None:
+    if getattr(args, "no_record", False):
+        return None
+    from corral.ledger import Ledger
+
+    return Ledger.open(_ledger_path(args))
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from corral.policy import Policy
+
+    if args.batch and args.command:
+        print("corral: error: give either --batch FILE or a command, not both", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.batch and not args.command:
+        print(
+            'corral: error: nothing to check; use: corral check -- "CMD" or --batch FILE',
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    policy = Policy.load(args.policy)
+    ledger = _open_ledger(args)
+    try:
+        if args.batch:
+            return _check_batch(policy, ledger, args)
+        command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
+        return _check_one(policy, ledger, args, command)
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+def _check_one(
+    policy: Policy, ledger: Ledger | None, args: argparse.Namespace, command: str
+) -> int:
+    from corral.model import Action
+
+    action = Action.shell(command, run_id=args.run_id)
+    decision = policy.check_action(action)
+    if ledger is not None:
+        ledger.append_decision(action, decision)
+    if args.json:
+        print(json.dumps(decision.to_dict()))
+    else:
+        cat = decision.category.value if decision.category else "-"
+        print(f"{decision.verdict.value}\t{cat}\t{decision.rule}\t{decision.reason}")
+    return EXIT_OK if decision.allowed else EXIT_FLAGGED
+
+
+def _batch_lines(source: str) -> Iterator[tuple[int, str]]:
+    stream: IO[str]
+    if source == "-":
+        stream = sys.stdin
+        yield from enumerate(stream, 1)
+        return
+    try:
+        with open(source, encoding="utf-8") as stream:
+            yield from enumerate(stream, 1)
+    except OSError as exc:
+        raise CorralError(f"cannot read batch file {source}: {exc.strerror}") from exc
+
+
+def _check_batch(policy: Policy, ledger: Ledger | None, args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from corral.model import Action
+
+    worst = EXIT_OK
+    out = sys.stdout
+    name = "<stdin>" if args.batch == "-" else args.batch
+    # One transaction per chunk keeps the ledger fast without holding a huge transaction.
+    chunk = 2000
+    lines = _batch_lines(args.batch)
+    while True:
+        rows = [row for _, row in zip(range(chunk), lines, strict=False)]
+        if not rows:
+            break
+        with ledger.batch() if ledger is not None else nullcontext():
+            for lineno, raw in rows:
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                    if not isinstance(obj, dict) or not isinstance(obj.get("command"), str):
+                        raise ValueError('expected an object with a string "command" field')
+                    action = Action.shell(
+                        obj["command"],
+                        run_id=obj.get("run_id", args.run_id),
+                        episode=obj.get("episode"),
+                        step=obj.get("step"),
+                        task=obj.get("task"),
+                    )
+                except (ValueError, TypeError) as exc:
+                    msg = f"{name}:{lineno}: {exc}"
+                    print(f"corral: {msg}", file=sys.stderr)
+                    out.write(
+                        json.dumps(
+                            {
+                                "decision": "deny",
+                                "rule": "input-error",
+                                "category": None,
+                                "reason": msg,
+                                "line": lineno,
+                            }
+                        )
+                        + "\n"
+                    )
+                    worst = EXIT_USAGE
+                    continue
+                decision = policy.check_action(action)
+                if ledger is not None:
+                    ledger.append_decision(action, decision)
+                record = decision.to_dict()
+                if "id" in obj:
+                    record["id"] = obj["id"]
+                out.write(json.dumps(record) + "\n")
+                if not decision.allowed and worst == EXIT_OK:
+                    worst = EXIT_FLAGGED
+    out.flush()
+    return worst
+
+
+# -- policy -----------------------------------------------------------------------------
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    from corral.policy import Policy, preset_names
+
+    if args.policy_cmd == "list":
+        for name in preset_names():
+            print(name)
+        return EXIT_OK
+    if args.policy_cmd == "validate":
+        policy = Policy.load(args.file)
+        print(f"{args.file}: ok ({policy.name}, {policy.hash})")
+        return EXIT_OK
+    policy = Policy.load(args.name)
+    if args.json:
+        print(json.dumps(policy.to_dict(), indent=2))
+    else:
+        print(policy.to_yaml(), end="")
+    return EXIT_OK
+
+
+# -- ledger -----------------------------------------------------------------------------
+
+
+def _cmd_log(args: argparse.Namespace) -> int:
+    from corral.ledger import Ledger
+
+    path = _ledger_path(args)
+    if not path.exists():
+        print(f"corral: no ledger at {path} yet (nothing recorded)", file=sys.stderr)
+        return EXIT_OK
+    kinds = ["alert"] if args.alerts else args.kind
+    with Ledger.open(path, create=False) as ledger:
+        records = list(ledger.records(run_id=args.run, kinds=kinds))
+    if args.limit is not None:
+        records = records[-args.limit :]
+    for rec in records:
+        if args.json:
+            print(json.dumps(rec.to_dict()))
+        else:
+            print(_format_record(rec.to_dict()))
+    return EXIT_OK
+
+
+def _format_record(rec: dict[str, Any]) -> str:
+    import datetime as dt
+
+    when = dt.datetime.fromtimestamp(rec["ts"]).strftime("%Y-%m-%d %H:%M:%S")
+    body = rec.get("body") or {}
+    head = f"#{rec['seq']:<6} {when} {rec['kind']:<8}"
+    if rec["kind"] == "decision":
+        d = body.get("decision", {})
+        cmd = body.get("action", {}).get("payload", {}).get("command", "")
+        cmd = cmd.replace("\n", " ⏎ ")
+        cmd = cmd if len(cmd) <= 70 else cmd[:67] + "..."
+        return f"{head} {d.get('decision', '?'):<5} {d.get('category') or '-':<20} {cmd}"
+    return f"{head} {json.dumps(body)[:110]}"
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from corral.ledger import verify_path
+
+    path = (
+        Path(args.ledger_file).expanduser() if args.ledger_file else default_ledger_path(args.home)
+    )
+    if not path.exists():
+        print(f"corral: no ledger at {path}", file=sys.stderr)
+        return EXIT_USAGE
+    report = verify_path(path)
+    if args.json:
+        print(
+            json.dumps(
+                report.to_dict() if hasattr(report, "to_dict") else report.__dict__, default=str
+            )
+        )
+    elif report.ok:
+        print(f"{path}: intact, {report.records} records, head {report.head_hash}")
+    else:
+        print(f"{path}: BROKEN at record {report.first_bad_seq}: {report.problem}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FLAGGED
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from corral.demo import run_demo
+
+    home = corral_home(args.home)
+    return run_demo(
+        policy_name=args.policy, ledger_path=_ledger_path(args), home=home, as_json=args.json
+    )
+
+
+_HANDLERS = {
+    "check": _cmd_check,
+    "policy": _cmd_policy,
+    "log": _cmd_log,
+    "verify": _cmd_verify,
+    "demo": _cmd_demo,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

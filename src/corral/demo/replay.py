@@ -1,0 +1,101 @@
+"""Replay a scripted trajectory through the gate and print what corral did."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+
+from corral.ledger import Ledger
+from corral.model import Action, Decision
+from corral.policy import Policy
+
+_STYLE = {"allow": "green", "ask": "yellow", "deny": "bold red"}
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    say: str
+    command: str
+    expect: str
+    category: str | None
+
+
+def load_trajectory() -> tuple[str, str, list[Step]]:
+    raw: dict[str, Any] = yaml.safe_load(
+        resources.files("corral.demo").joinpath("trajectory.yaml").read_text()
+    )
+    steps = [Step(s["say"], s["command"], s["expect"], s.get("category")) for s in raw["steps"]]
+    return raw["task"], raw["run_id"], steps
+
+
+def run_demo(*, policy_name: str, ledger_path: Path, home: Path, as_json: bool = False) -> int:
+    """Run the replay; exit status 1 if any step was not handled as expected."""
+    console = Console(highlight=False)
+    task, run_id, steps = load_trajectory()
+    run_id = f"{run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    policy = Policy.load(policy_name)
+    policy.check("true")  # builds the gate, so the first step's latency is a decision's
+    if not as_json:
+        console.print("[bold]corral demo[/]: the ROME incident, replayed through the gate")
+        console.print(f"policy [cyan]{policy.name}[/] ({policy.hash[:19]}…), task: {task!r}")
+        console.print(f"ledger {ledger_path}, run {run_id}\n")
+    misses: list[str] = []
+    verdicts: Counter[str] = Counter()
+    categories: Counter[str] = Counter()
+    with Ledger.open(ledger_path) as ledger:
+        ledger.append_note(
+            {
+                "event": "run started",
+                "task": task,
+                "policy": policy.name,
+                "policy_hash": policy.hash,
+            },
+            run_id=run_id,
+        )
+        decisions: list[tuple[Step, Decision]] = []
+        for i, step in enumerate(steps, 1):
+            action = Action.shell(step.command, run_id=run_id, episode=1, step=i, task=task)
+            decision = policy.check_action(action)
+            ledger.append_decision(action, decision)
+            decisions.append((step, decision))
+        report = ledger.verify()
+    for i, (step, d) in enumerate(decisions, 1):
+        verdict = d.verdict.value
+        cat = d.category.value if d.category else ""
+        verdicts[verdict] += 1
+        if verdict != "allow":
+            categories[cat or "policy"] += 1
+        ok = verdict == step.expect and (step.category is None or cat == step.category)
+        if not ok:
+            misses.append(f"step {i}: expected {step.expect}/{step.category}, got {verdict}/{cat}")
+        if as_json:
+            print(json.dumps({"step": i, "command": step.command, **d.to_dict()}))
+            continue
+        cmd = step.command.replace("\n", " ⏎ ")
+        cmd = cmd if len(cmd) <= 100 else cmd[:99] + "…"
+        console.print(f"[dim]{i:>2}[/] [{_STYLE[verdict]}]{verdict.upper():<5}[/] {escape(cmd)}")
+        console.print(f"         [dim]agent: {escape(step.say)}[/]")
+        if verdict != "allow":
+            console.print(f"         {cat or 'policy'} · {d.rule} · {escape(d.reason)}")
+        console.print(f"         [dim]decided in {d.latency_s * 1e6:.0f} µs[/]")
+    if not as_json:
+        blocked = ", ".join(f"{k} {v}" for k, v in sorted(categories.items()))
+        console.print(
+            f"\n{len(steps)} steps: {verdicts['allow']} allowed, {verdicts['ask']} held for "
+            f"review, {verdicts['deny']} denied ({blocked})"
+        )
+        state = "[green]intact[/]" if report.ok else f"[red]BROKEN[/] ({report.problem})"
+        console.print(f"\nledger: {report.records} records, chain {state}, head {report.head_hash}")
+        console.print(f"see it with: corral log --run {run_id}   ·   corral verify")
+        for miss in misses:
+            console.print(f"[red]unexpected[/] {miss}")
+    return 0 if not misses and report.ok else 1

@@ -1,0 +1,41 @@
+"""The tamper-evident ledger."""
+
+from corral.ledger.chain import (
+    HASH_PREFIX,
+    ChainChecker,
+    LedgerRecord,
+    VerifyReport,
+    canonical_json,
+    genesis_hash,
+    record_hash,
+    sha256_hex,
+)
+from corral.ledger.store import (
+    KIND_ALERT,
+    KIND_DECISION,
+    KIND_EVENT,
+    KIND_NOTE,
+    SCHEMA_VERSION,
+    Durability,
+    Ledger,
+    verify_path,
+)
+
+__all__ = [
+    "HASH_PREFIX",
+    "KIND_ALERT",
+    "KIND_DECISION",
+    "KIND_EVENT",
+    "KIND_NOTE",
+    "SCHEMA_VERSION",
+    "ChainChecker",
+    "Durability",
+    "Ledger",
+    "LedgerRecord",
+    "VerifyReport",
+    "canonical_json",
+    "genesis_hash",
+    "record_hash",
+    "sha256_hex",
+    "verify_path",
+]

