@@ -25,10 +25,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from corral.policy.shell import parse
-
 from corral.cli import main as cli_main
 from corral.policy import Policy
+from corral.policy.shell import parse
 
 CORE_CATEGORIES = ("tunnel", "mining", "exfiltration", "ingress", "escape", "recon")
 

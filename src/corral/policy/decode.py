@@ -22,12 +22,34 @@ MAX_DECODED = 1_000_000
 
 # Programs whose output depends on the outside world, so a gate must never assume it.
 NETWORK_TOOLS = frozenset(
-    {"curl", "wget", "nc", "ncat", "netcat", "socat", "telnet", "ssh", "scp", "fetch",
-     "aria2c", "lynx", "links", "w3m", "http", "https", "openssl-s_client", "tftp", "ftp"}
+    [
+        "curl",
+        "wget",
+        "nc",
+        "ncat",
+        "netcat",
+        "socat",
+        "telnet",
+        "ssh",
+        "scp",
+        "fetch",
+        "aria2c",
+        "lynx",
+        "links",
+        "w3m",
+        "http",
+        "https",
+        "tftp",
+        "ftp",
+    ]
 )
-_COMPRESSORS = {"gzip": "gzip", "gunzip": "gzip", "zcat": "gzip", "bzip2": "bzip2",
-                "bunzip2": "bzip2", "bzcat": "bzip2", "xz": "xz", "unxz": "xz",
-                "xzcat": "xz", "zstd": "zstd", "unzstd": "zstd", "lzma": "xz"}
+# Decompressors, by the encoding they undo.
+_COMPRESSORS = {
+    **dict.fromkeys(("gzip", "gunzip", "zcat"), "gzip"),
+    **dict.fromkeys(("bzip2", "bunzip2", "bzcat"), "bzip2"),
+    **dict.fromkeys(("xz", "unxz", "xzcat", "lzma"), "xz"),
+    **dict.fromkeys(("zstd", "unzstd"), "zstd"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,20 +57,20 @@ class Step:
     """One pipeline stage as far as its output is concerned."""
 
     argv: tuple[str, ...]
-    known: bool = True              # every word of argv is statically known
-    stdin: str | None = None        # heredoc / here-string text that replaces the pipe
+    known: bool = True  # every word of argv is statically known
+    stdin: str | None = None  # heredoc / here-string text that replaces the pipe
     stdin_known: bool = True
-    stdin_file: str | None = None   # "< FILE": input comes from a file we cannot see
-    unknown: tuple[str, ...] = ()   # the unknown expansions that make argv not known
-    label: str = ""                 # what to call a stage that is not a simple command
+    stdin_file: str | None = None  # "< FILE": input comes from a file we cannot see
+    unknown: tuple[str, ...] = ()  # the unknown expansions that make argv not known
+    label: str = ""  # what to call a stage that is not a simple command
 
 
 @dataclass(frozen=True, slots=True)
 class Recovered:
-    text: str | None          # what the pipeline prints, or None when it cannot be known
-    encoding: str | None      # decoding steps seen, "+"-joined in order ("base64", "hex+rev")
-    source: str               # noun phrase for reasons: "base64 text", "output of curl"
-    why: str | None = None    # why text is None ("binary", "cannot be known before it runs")
+    text: str | None  # what the pipeline prints, or None when it cannot be known
+    encoding: str | None  # decoding steps seen, "+"-joined in order ("base64", "hex+rev")
+    source: str  # noun phrase for reasons: "base64 text", "output of curl"
+    why: str | None = None  # why text is None ("binary", "cannot be known before it runs")
     approx: str | None = None  # text with unknown expansions as written, when only printed
 
 
@@ -59,8 +81,7 @@ class _Unknown(Exception):
         self.why = why
 
 
-_SIMPLE_ESC = {"a": "\a", "b": "\b", "e": "\x1b", "E": "\x1b", "f": "\f", "n": "\n",
-               "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
+_SIMPLE_ESC = dict(zip("abeEfnrtv\\", "\a\b\x1b\x1b\f\n\r\t\v\\", strict=True))
 _OCT = "01234567"
 _HEX = "0123456789abcdefABCDEF"
 
@@ -137,7 +158,11 @@ def is_binary(text: str) -> bool:
 def ansi_c(body: str) -> str:
     """Value of ``$'body'``; bytes that are not UTF-8 become U+FFFD."""
     text = unescape(body, "ansi")[0].split("\x00", 1)[0]  # bash strings end at a NUL
-    return text.encode("utf-8", "replace").decode("utf-8") if is_binary(text) else text
+    return (
+        text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if is_binary(text)
+        else text
+    )
 
 
 def echo(args: Sequence[str]) -> str:
@@ -172,7 +197,7 @@ def printf(args: Sequence[str]) -> str | None:
     while True:
         pos, consumed = 0, 0
         for m in _CONV.finditer(fmt):
-            text, stop = unescape(fmt[pos:m.start()], "printf")
+            text, stop = unescape(fmt[pos : m.start()], "printf")
             out.append(text)
             if stop:
                 return "".join(out)
@@ -261,7 +286,7 @@ def _tr_set(spec: str) -> str:
         if i + 2 < len(spec) and spec[i + 1] == "-" and ord(spec[i]) <= ord(spec[i + 2]):
             out.extend(chr(c) for c in range(ord(spec[i]), ord(spec[i + 2]) + 1))
             i += 3
-        elif spec[i] == "[" and ":" in spec[i:i + 3]:
+        elif spec[i] == "[" and ":" in spec[i : i + 3]:
             raise _Unknown("output of tr")  # character classes: not modelled
         else:
             out.append(spec[i])
@@ -321,8 +346,11 @@ def _stage(prog: str, args: tuple[str, ...], data: str | None, enc: list[str]) -
         if data is None:
             raise _Unknown(f"output of {prog}")
         if decoding:
-            raw = b64decode(data, ignore_garbage="-i" in flags or "--ignore-garbage" in flags,
-                            base32=tool == "base32")
+            raw = b64decode(
+                data,
+                ignore_garbage="-i" in flags or "--ignore-garbage" in flags,
+                base32=tool == "base32",
+            )
             if raw is None:
                 raise _Unknown(f"{tool} text", f"not valid {tool}")
             return _text(raw, f"{tool} text")
@@ -352,8 +380,12 @@ def _stage(prog: str, args: tuple[str, ...], data: str | None, enc: list[str]) -
             return _tr(args, data)
         return data
     if prog == "openssl":
-        if (args[:1] == ("base64",) or (args[:1] == ("enc",) and len(args) == 3
-                and {"-base64", "-a"} & set(args) and "-d" in args)):
+        if args[:1] == ("base64",) or (
+            args[:1] == ("enc",)
+            and len(args) == 3
+            and {"-base64", "-a"} & set(args)
+            and "-d" in args
+        ):
             enc.append("base64")
             raw = b64decode(data or "")
             if raw is None:
@@ -380,13 +412,18 @@ def evaluate(steps: Sequence[Step]) -> Recovered:
     try:
         for step in steps:
             if not step.argv:
-                raise _Unknown(step.label or "output of a compound command",
-                               "not computed statically")
+                raise _Unknown(
+                    step.label or "output of a compound command", "not computed statically"
+                )
             prog = step.argv[0].rsplit("/", 1)[-1]
             if not step.known:
                 names = ", ".join(step.unknown[:3])
-                why = _Unknown(f"output of {prog}", f"it uses {names}, not known statically"
-                               if names else "its arguments are not known statically")
+                why = _Unknown(
+                    f"output of {prog}",
+                    f"it uses {names}, not known statically"
+                    if names
+                    else "its arguments are not known statically",
+                )
                 if prog in NETWORK_TOOLS:
                     raise _Unknown(f"output of {prog}", "cannot be known before it runs")
                 if prog not in _PRINTERS or not names:
@@ -396,12 +433,14 @@ def evaluate(steps: Sequence[Step]) -> Recovered:
             if step.stdin is not None:
                 if not step.stdin_known:
                     inexact = inexact or _Unknown(
-                        "heredoc text", "it contains expansions not known statically")
+                        "heredoc text", "it contains expansions not known statically"
+                    )
                 data = step.stdin
             elif step.stdin_file is not None:
                 _stage_encoding(prog, step.argv[1:], enc)
-                raise _Unknown(f"contents of {step.stdin_file}",
-                               "a file that cannot be read statically")
+                raise _Unknown(
+                    f"contents of {step.stdin_file}", "a file that cannot be read statically"
+                )
             if inexact is not None and prog not in _PRINTERS:
                 _stage_encoding(prog, step.argv[1:], enc)
                 raise inexact

@@ -30,6 +30,7 @@ from corral.policy.rules import (
     match_globs,
     path_candidates,
     path_glob_regex,
+    screening_regexes,
 )
 from corral.policy.schema import HostPattern
 from corral.policy.shell import Invocation, ParsedCommand, ShellFeed, parse
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 _OUT_OPS = frozenset({">", ">>", ">|", "&>", "&>>", "<>", ">&"})
 _IN_TEXT_OPS = frozenset({"<<", "<<-", "<<<"})
+_WORDS = re.compile(r"[^\s|&;<>]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,15 +49,26 @@ class Finding:
     rule: str
     category: Category | None
     reason: str
+    priority: int = 50
 
-    def key(self) -> tuple[int, int]:
-        return (self.verdict.rank, 1 if self.category else 0)
+    def key(self) -> tuple[int, int, int]:
+        return (self.verdict.rank, 1 if self.category else 0, self.priority)
 
 
 class _View:
     """What the rules look at for one invocation, computed on demand."""
 
-    __slots__ = ("_joined", "_paths", "_text", "_writes", "args", "inv", "is_script", "program")
+    __slots__ = (
+        "_joined",
+        "_lower",
+        "_paths",
+        "_text",
+        "_writes",
+        "args",
+        "inv",
+        "is_script",
+        "program",
+    )
 
     def __init__(self, inv: Invocation, is_script: bool) -> None:
         self.inv = inv
@@ -65,6 +78,7 @@ class _View:
         self.args = inv.argv[1:]
         self._joined: str | None = None
         self._text: str | None = None
+        self._lower: str | None = None
         self._writes: tuple[str, ...] | None = None
 
     @property
@@ -86,10 +100,19 @@ class _View:
             self._text = f"{self.joined}\n{stdin}" if stdin else self.joined
         return self._text
 
+    @property
+    def lower(self) -> str:
+        if self._lower is None:
+            self._lower = self.text.lower()
+        return self._lower
+
     def paths(self) -> tuple[str, ...]:
         """Path-shaped substrings of the arguments and redirection targets."""
         if self._paths is None:
-            words = [*self.args, *(r.target for r in self.inv.redirects if r.op not in _IN_TEXT_OPS)]
+            words = [
+                *self.args,
+                *(r.target for r in self.inv.redirects if r.op not in _IN_TEXT_OPS),
+            ]
             self._paths = tuple(p for w in words for p in path_candidates(w))
         return self._paths
 
@@ -133,19 +156,34 @@ def _rule_matches(
         return None
     if rule.argv is not None and not rule.argv.search(view.joined):
         return None
-    if rule.redirect is not None and not any(rule.redirect.search(r.target) for r in inv.redirects):
+    if rule.redirect is not None and not any(
+        rule.redirect.search(f"{r.op} {r.target}") for r in inv.redirects
+    ):
         return None
+    if rule.first_arg is not None or rule.last_arg is not None:
+        operands = [a for a in view.args if not a.startswith("-")]
+        if not operands:
+            return None
+        if rule.first_arg is not None and not rule.first_arg.search(operands[0]):
+            return None
+        if rule.last_arg is not None and not rule.last_arg.search(operands[-1]):
+            return None
     if rule.piped_with and not any(
         fnmatch.fnmatchcase(p, g)
         for p in pipeline_programs - {view.program}
         for g in rule.piped_with
     ):
         return None
-    if rule.text is not None and not rule.text.search(view.text):
-        return None
+    if rule.text is not None:
+        if rule.keywords and not any(k in view.lower for k in rule.keywords):
+            return None
+        if not rule.text.search(view.text):
+            return None
     if rule.path_regex is not None:
         if rule.path_access == "write":
-            words: Iterable[str] = (p for w in view.write_targets(writers) for p in path_candidates(w))
+            words: Iterable[str] = (
+                p for w in view.write_targets(writers) for p in path_candidates(w)
+            )
         else:
             words = view.paths()
         for word in words:
@@ -190,6 +228,7 @@ class Gate:
         ]
         self.hidden = re.compile("|".join(hidden)) if hidden else None
         self._writers = dict(self.rules.writers)
+        self._screens = screening_regexes(self.rules.rules)
         self._program_cache: dict[str, Finding | None] = {}
         self._script_globs = (*self.rules.interpreters, *self.rules.shells)
         self._scripted: dict[str, bool] = {}
@@ -229,18 +268,11 @@ class Gate:
     def _judge_command(self, command: str) -> Finding:
         parsed = parse(command)
         if parsed.error is not None:
-            return Finding(
-                Verdict.DENY,
-                "parse-error",
-                None,
-                f"the command could not be parsed: {parsed.error}",
-            )
+            return self._judge_unparsable(command, parsed.error)
         best: Finding | None = None
         for f in self._findings(parsed):
             if best is None or f.key() > best.key():
                 best = f
-                if best.verdict is Verdict.DENY and best.category is not None:
-                    break
         if best is None or best.verdict is Verdict.ALLOW:
             if parsed.partial:
                 return Finding(
@@ -251,6 +283,31 @@ class Gate:
                 )
             return best or Finding(Verdict.ALLOW, "allow", None, "allowed by policy")
         return best
+
+    def _judge_unparsable(self, command: str, error: str) -> Finding:
+        """Deny, and name the threat if plain words of the text show one: the category
+        of a broken command still matters to the reward and the report."""
+        why = f"the command could not be parsed: {error}"
+        best: Finding | None = None
+        for line in command[:100_000].splitlines():
+            words = tuple(w.strip("'\"`;(){}") for w in _WORDS.findall(line))
+            words = tuple(w for w in words if w)
+            if not words:
+                continue
+            inv = Invocation(argv=words, program=words[0].rsplit("/", 1)[-1])
+            view = _View(inv, True)
+            for rule in self.rules.for_program(inv.program):
+                if _rule_matches(rule, view, frozenset(), self._writers) is not None:
+                    f = Finding(
+                        Verdict.DENY,
+                        rule.id,
+                        rule.category,
+                        f"{why}; it also looks like this: {_fill(rule.reason, view, '')}",
+                        rule.priority,
+                    )
+                    if best is None or f.key() > best.key():
+                        best = f
+        return best or Finding(Verdict.DENY, "parse-error", None, why)
 
     def _findings(self, parsed: ParsedCommand) -> Iterator[Finding]:
         for feed in parsed.feeds:
@@ -300,10 +357,24 @@ class Gate:
         if scripted is None:
             scripted = self._scripted[program] = match_globs(program, self._script_globs)
         view = _View(inv, scripted)
+        screened: dict[str, bool] = {}
         for rule in self.rules.for_program(program):
+            key = rule.screen
+            if key is not None:
+                passed = screened.get(key)
+                if passed is None:
+                    passed = screened[key] = self._screen(key, view)
+                if not passed:
+                    continue
             hit = _rule_matches(rule, view, peers, self._writers)
             if hit is not None:
-                yield Finding(rule.decision, rule.id, rule.category, _fill(rule.reason, view, hit))
+                yield Finding(
+                    rule.decision,
+                    rule.id,
+                    rule.category,
+                    _fill(rule.reason, view, hit),
+                    rule.priority,
+                )
         if self.hidden is not None:
             for word in view.paths():
                 m = self.hidden.match(word)
@@ -315,18 +386,32 @@ class Gate:
                         f"{m.group(0)} is hidden by the policy (filesystem.hidden)",
                     )
                     break
-        for rule, pattern in self.argv_rules:
-            if rule.program and not any(fnmatch.fnmatchcase(program, g) for g in rule.program):
+        for argv_rule, pattern in self.argv_rules:
+            if argv_rule.program and not match_globs(program, argv_rule.program):
                 continue
             if pattern is not None and not pattern.search(view.joined):
                 continue
-            yield Finding(rule.decision, f"policy:{rule.id}", rule.category, rule.reason)
+            yield Finding(
+                argv_rule.decision, f"policy:{argv_rule.id}", argv_rule.category, argv_rule.reason
+            )
         if inv.argv:
             yield from self._judge_program(inv)
         # Inline interpreter code that downloads is the threat rule ingress-script-download's
         # job: URLs inside code are too often just strings (urlsplit("http://x")).
         if program in self.rules.network_tools:
             yield from self._judge_network(view)
+
+    def _screen(self, key: str, view: _View) -> bool:
+        regex = self._screens[key]
+        if key == "redirect":
+            return any(regex.search(f"{r.op} {r.target}") for r in view.inv.redirects)
+        if key == "path:write":
+            return any(
+                regex.match(p)
+                for w in view.write_targets(self._writers)
+                for p in path_candidates(w)
+            )
+        return any(regex.match(p) for p in view.paths())
 
     def _judge_program(self, inv: Invocation) -> Iterator[Finding]:
         if inv.dynamic_program:
@@ -386,6 +471,13 @@ class Gate:
             or (inv.pipe_index or 0) > 0
         ):
             direction = Category.EXFILTRATION
+        elif any(
+            r.op in (">", ">>", "&>")
+            and r.target not in ("/dev/null", "")
+            and not r.target.isdigit()
+            for r in inv.redirects
+        ) or any(a in ("-o", "-O", "--output", "--output-document") for a in view.args):
+            direction = Category.INGRESS
         for d in dests:
             f = self._judge_destination(inv.program, d, direction)
             if f is not None:

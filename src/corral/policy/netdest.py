@@ -58,6 +58,9 @@ _VALUE_OPTS: dict[str, str] = {
     "nslookup": "",
     "host": "cmNRtW",
     "mosh": "p",
+    # URLs without a scheme (curl example.org) are hosts too.
+    "curl": "AbcCdDeEFHKmoPQrTuUwxXYyz",
+    "wget": "aABdDeIilOoPQRtTUwX",
 }
 
 

@@ -38,6 +38,9 @@ class _Match(BaseModel):
     text: str | None = None
     background: bool | None = None
     piped_with: str | list[str] | None = None
+    first_arg: str | None = None
+    last_arg: str | None = None
+    keywords: list[str] | None = None
 
 
 class _PathCond(BaseModel):
@@ -54,6 +57,9 @@ class _Rule(BaseModel):
     category: Category
     reason: str
     decision: Verdict = Verdict.DENY
+    # Among equally strict findings the higher priority names the decision: a broad
+    # rule (anything run through sudo) yields to a specific one (what sudo runs).
+    priority: int = Field(default=50, ge=0, le=100)
     tags: list[str] = []
     enabled: bool = True
     match: _Match | None = None
@@ -98,6 +104,7 @@ class CompiledRule:
     decision: Verdict
     reason: str
     tags: tuple[str, ...]
+    priority: int = 50
     programs: tuple[str, ...] | None = None
     args: re.Pattern[str] | None = None
     args_all: tuple[re.Pattern[str], ...] = ()
@@ -107,10 +114,23 @@ class CompiledRule:
     text: re.Pattern[str] | None = None
     background: bool | None = None
     piped_with: tuple[str, ...] = ()
+    first_arg: re.Pattern[str] | None = None
+    last_arg: re.Pattern[str] | None = None
+    keywords: tuple[str, ...] = ()
     path_regex: re.Pattern[str] | None = None
     path_access: str = "any"
     feed: str | None = None
     wrappers: frozenset[str] = frozenset()
+
+    @property
+    def screen(self) -> str | None:
+        """The rule's cheapest necessary condition that can be screened for many rules
+        at once: one combined regex decides whether any such rule could match."""
+        if self.path_regex is not None:
+            return f"path:{self.path_access}"
+        if self.redirect is not None:
+            return "redirect"
+        return None
 
     def program_matches(self, program: str) -> bool:
         return self.programs is None or any(fnmatch.fnmatchcase(program, p) for p in self.programs)
@@ -205,6 +225,7 @@ class _Compiler:
                 return m.group(0)
             return "|".join(re.escape(str(x)) for x in self._list(m.group(1), rule_id, key))
 
+        # Always scoped, so compiled patterns can be joined into one screening regex.
         source = "|".join(_scoped(_LIST_REF.sub(expand, p)) for p in parts)
         try:
             return re.compile(source)
@@ -228,6 +249,7 @@ class _Compiler:
             decision=r.decision,
             reason=r.reason,
             tags=tuple(r.tags),
+            priority=r.priority,
             programs=tuple(self.globs(m.program, r.id, "match.program")) if m.program else None,
             args=self.regex(m.args, r.id, "match.args"),
             args_all=args_all,
@@ -237,6 +259,9 @@ class _Compiler:
             text=self.regex(m.text, r.id, "match.text"),
             background=m.background,
             piped_with=tuple(self.globs(m.piped_with, r.id, "match.piped_with")),
+            first_arg=self.regex(m.first_arg, r.id, "match.first_arg"),
+            last_arg=self.regex(m.last_arg, r.id, "match.last_arg"),
+            keywords=tuple(k.lower() for k in self.globs(m.keywords, r.id, "match.keywords")),
             path_regex=self.path_regex(r.path.paths, r.id) if r.path else None,
             path_access=r.path.access if r.path else "any",
             feed=r.feed,
@@ -256,7 +281,8 @@ def _scoped(pattern: str) -> str:
 
 
 # `~` in a path list stands for any home directory, however the command spells it.
-_HOME = r"(?:~|\$HOME|\$\{HOME\}|/root|/home/[^/\s]+)"
+# An empty prefix matches too, so ``//.aws`` (the root's own dot-directories) counts.
+_HOME = r"(?:~|\$HOME|\$\{HOME\}|/root|/home/[^/\s]+|)"
 
 
 def path_glob_regex(glob: str) -> str:
@@ -267,7 +293,9 @@ def path_glob_regex(glob: str) -> str:
     if glob.startswith("~"):
         out.append(_HOME)
         i = 1
-    for ch in glob[i:]:
+    # A trailing "/*" also matches the directory itself: `~/.aws/*` covers `~/.aws`.
+    body, tail = (glob[i:-2], r"(?:/+[^\s]*)?") if glob.endswith("/*") else (glob[i:], "")
+    for ch in body:
         if ch == "*":
             out.append(r"[^\s]*")
         elif ch == "?":
@@ -276,7 +304,7 @@ def path_glob_regex(glob: str) -> str:
             out.append(r"/+(?:\./)*")
         else:
             out.append(re.escape(ch))
-    return "".join(out) + r"(?=$|[\s'\")])"
+    return "".join(out) + tail + r"(?=$|[\s'\"),\\])"
 
 
 # A path inside an argument starts at the argument's start or after a separator
@@ -387,3 +415,18 @@ def _shipped() -> RuleSet:
 
 def match_globs(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def screening_regexes(rules: Iterable[CompiledRule]) -> dict[str, re.Pattern[str]]:
+    """One alternation per screen key over every rule that has that key."""
+    parts: dict[str, list[str]] = {}
+    for r in rules:
+        key = r.screen
+        if key is None:
+            continue
+        pattern = (
+            r.text if key == "text" else r.path_regex if key.startswith("path") else r.redirect
+        )
+        assert pattern is not None
+        parts.setdefault(key, []).append(f"(?:{pattern.pattern})")
+    return {k: re.compile("|".join(v)) for k, v in parts.items()}

@@ -9,6 +9,8 @@ wrapper table in ``shell_argv`` and the static decoding in ``decode``.
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import threading
 from collections.abc import Mapping
@@ -36,7 +38,14 @@ class Redirect:
 @dataclass(frozen=True, slots=True)
 class Invocation:
     """A program that would run. ``argv`` is unquoted, with known variables substituted,
-    ``$HOME`` written as ``~``, and unknown expansions kept as written ("$PID", "$(date)")."""
+    ``$HOME`` written as ``~``, and unknown expansions kept as written ("$PID", "$(date)").
+
+    ``origin`` is "top", "subst" ($(...), backticks), "procsubst" (<(...), >(...)),
+    "function" (a function body), "shell-c" (bash -c, su -c, watch, ...), "eval",
+    "heredoc" (a heredoc or here-string fed to a shell), "decoded:<encoding>" (text a
+    pipeline or substitution computes and a shell runs; the encoding is that of the
+    ShellFeed, e.g. "decoded:base64", "decoded:printf-escape", "decoded:plain"), "xargs"
+    or "find-exec". ``depth`` counts the shell-c/eval/heredoc/decoded levels above it."""
 
     argv: tuple[str, ...]
     program: str
@@ -75,7 +84,7 @@ class ParsedCommand:
     error: str | None = None
     partial: bool = False
     variables: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    functions: tuple[str, ...] = ()    # names of shell functions defined in the text
+    functions: tuple[str, ...] = ()  # names of shell functions defined in the text
 
     @property
     def programs(self) -> tuple[str, ...]:
@@ -105,7 +114,8 @@ def bash_syntax_error(data: bytes) -> str | None:
     the gate deny valid commands. Returns None when bash accepts the text."""
     try:
         proc = subprocess.run(
-            ["bash", "--norc", "--noprofile", "-n"],
+            # extglob on: interactive shells usually have it, and it only adds syntax
+            [shutil.which("bash") or "bash", "--norc", "--noprofile", "-O", "extglob", "-n"],
             input=data,
             capture_output=True,
             timeout=2,
@@ -120,11 +130,7 @@ def bash_syntax_error(data: bytes) -> str | None:
         return None
     lines = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
     msg = lines[0] if lines else f"bash -n exited with status {proc.returncode}"
-    for prefix in ("bash: ", "line "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix):]
-            if prefix == "line ":
-                msg = msg.split(": ", 1)[-1]
+    msg = re.sub(r"^\S*bash: (?:line \d+: )?", "", msg)
     if "matching" in msg and "EOF" in msg:
         return f"unbalanced quote: {msg}"
     return msg if msg.startswith("syntax error") else f"syntax error: {msg}"
@@ -143,10 +149,6 @@ def parse(command: str, *, max_depth: int = 6, max_length: int = 1_000_000) -> P
             raise Refused(f"command longer than {max_length} characters")
         if "\x00" in command:
             raise Refused("command contains a NUL byte")
-        try:
-            command.encode("utf-8")
-        except UnicodeEncodeError:
-            raise Refused("command is not valid Unicode text") from None
         walker = Walker(max_depth)
         walker.run(command)
         return ParsedCommand(

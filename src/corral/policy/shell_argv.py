@@ -21,18 +21,22 @@ SHELLS = frozenset(
 class Wrapper:
     """How a wrapper program finds the command it runs."""
 
-    takes_arg: frozenset[str] = frozenset()   # options that consume a value
-    positional: int = 0                       # operands before the command (timeout DURATION)
-    assignments: bool = False                 # NAME=value words may precede the command
-    origin: str | None = None                 # origin given to the wrapped command
+    takes_arg: frozenset[str] = frozenset()  # options that consume a value
+    positional: int = 0  # operands before the command (timeout DURATION)
+    assignments: bool = False  # NAME=value words may precede the command
+    origin: str | None = None  # origin given to the wrapped command
     no_command: frozenset[str] = frozenset()  # options after which nothing is wrapped
-    default: tuple[str, ...] = ()             # what runs when no command is given
+    default: tuple[str, ...] = ()  # what runs when no command is given
     shell_opts: frozenset[str] = frozenset()  # options that start a shell when no command is given
     script_opts: frozenset[str] = frozenset()  # options whose value is a shell script string
-    split_opts: frozenset[str] = frozenset()  # options whose value is split into the command (env -S)
-    command_opts: frozenset[str] = frozenset()  # if set, a command is wrapped only with one of these
-    wraps: bool = True                        # False: operands are not a command (su USER)
-    numeric: bool = False                     # "-5" is an option (nice)
+    split_opts: frozenset[str] = (
+        frozenset()
+    )  # options whose value is split into the command (env -S)
+    command_opts: frozenset[str] = (
+        frozenset()
+    )  # if set, a command is wrapped only with one of these
+    wraps: bool = True  # False: operands are not a command (su USER)
+    numeric: bool = False  # "-5" is an option (nice)
 
 
 def _w(takes: str = "", **kw: object) -> Wrapper:
@@ -42,44 +46,64 @@ def _w(takes: str = "", **kw: object) -> Wrapper:
     return Wrapper(takes_arg=frozenset(takes.split()), **kw)  # type: ignore[arg-type]
 
 
-_SU_OPTS = ("-c --command --session-command -s --shell -g --group -G --supp-group "
-            "-w --whitelist-environment")
-_STRACE_OPTS = ("-e -o -p -s -u -E -a -b -I -O -P -S -U -X --output --attach --user --env "
-                "--string-limit --trace --signal --status --summary-columns")
+_SU_OPTS = (
+    "-c --command --session-command -s --shell -g --group -G --supp-group "
+    "-w --whitelist-environment"
+)
+_STRACE_OPTS = (
+    "-e -o -p -s -u -E -a -b -I -O -P -S -U -X --output --attach --user --env "
+    "--string-limit --trace --signal --status --summary-columns"
+)
 
 # Options are listed by name; a short option that takes a value may also be written glued
 # to it ("-n5", "-I{}") and a long one with "=" ("--signal=KILL").
 WRAPPERS: dict[str, Wrapper] = {
-    "env": _w("-u --unset -C --chdir -S --split-string", assignments=True,
-              split_opts="-S --split-string"),
+    "env": _w(
+        "-u --unset -C --chdir -S --split-string", assignments=True, split_opts="-S --split-string"
+    ),
     "nohup": _w(),
     "timeout": _w("-s --signal -k --kill-after", positional=1),
-    "xargs": _w("-I -n --max-args -P --max-procs -d --delimiter -a --arg-file -L --max-lines "
-                "-s --max-chars -E --eof --process-slot-var", origin="xargs", default=("echo",)),
-    "sudo": _w("-u --user -g --group -p --prompt -C --close-from -D --chdir -r --role "
-               "-t --type -U --other-user -T --command-timeout -R --chroot", assignments=True,
-               shell_opts="-s --shell -i --login",
-               no_command="-l --list -v --validate -e --edit -K --remove-timestamp -V "
-                          "--version"),
+    "xargs": _w(
+        "-I -n --max-args -P --max-procs -d --delimiter -a --arg-file -L --max-lines "
+        "-s --max-chars -E --eof --process-slot-var",
+        origin="xargs",
+        default=("echo",),
+    ),
+    "sudo": _w(
+        "-u --user -g --group -p --prompt -C --close-from -D --chdir -r --role "
+        "-t --type -U --other-user -T --command-timeout -R --chroot",
+        assignments=True,
+        shell_opts="-s --shell -i --login",
+        no_command="-l --list -v --validate -e --edit -K --remove-timestamp -V --version",
+    ),
     "doas": _w("-u -C", shell_opts="-s", no_command="-C -L"),
     "setsid": _w(),
     "nice": _w("-n --adjustment", numeric=True),
-    "ionice": _w("-c --class -n --classdata -p --pid -P --pgid -u --uid",
-                 no_command="-p --pid -P --pgid -u --uid"),
+    "ionice": _w(
+        "-c --class -n --classdata -p --pid -P --pgid -u --uid",
+        no_command="-p --pid -P --pgid -u --uid",
+    ),
     "stdbuf": _w("-i -o -e --input --output --error"),
     "command": _w(no_command="-v -V"),
     "builtin": _w(),
     "exec": _w("-a"),
     "time": _w("-f --format -o --output"),
     "chroot": _w("--userspec --groups", positional=1, default=("sh", "-i")),
-    "flock": _w("-w --timeout --wait -E --conflict-exit-code -c --command", positional=1,
-                script_opts="-c --command", no_command="-c --command"),
+    "flock": _w(
+        "-w --timeout --wait -E --conflict-exit-code -c --command",
+        positional=1,
+        script_opts="-c --command",
+        no_command="-c --command",
+    ),
     "unbuffer": _w(),
     "strace": _w(_STRACE_OPTS),
     "ltrace": _w("-e -o -p -s -u -a -A -D -F -l -n -x -L --output --library"),
     "taskset": _w(positional=1, no_command="-p --pid"),
-    "chrt": _w("-T --sched-runtime -P --sched-period -D --sched-deadline", positional=1,
-               no_command="-p --pid"),
+    "chrt": _w(
+        "-T --sched-runtime -P --sched-period -D --sched-deadline",
+        positional=1,
+        no_command="-p --pid",
+    ),
     "busybox": _w(),
     "catchsegv": _w(),
     "faketime": _w(positional=1),
@@ -87,20 +111,30 @@ WRAPPERS: dict[str, Wrapper] = {
     "proxychains4": _w("-f"),
     "torsocks": _w("-u -p -a -P --user --pass --address --port"),
     "tsocks": _w(),
-    "systemd-run": _w("-u --unit -p --property -E --setenv -M --machine -H --host "
-                      "--description --slice --uid --gid --nice --working-directory "
-                      "--on-active --on-boot --on-startup --on-unit-active --on-unit-inactive "
-                      "--on-calendar --timer-property --path-property --socket-property "
-                      "--service-type"),
+    "systemd-run": _w(
+        "-u --unit -p --property -E --setenv -M --machine -H --host "
+        "--description --slice --uid --gid --nice --working-directory "
+        "--on-active --on-boot --on-startup --on-unit-active --on-unit-inactive "
+        "--on-calendar --timer-property --path-property --socket-property "
+        "--service-type"
+    ),
     "nsenter": _w("-t --target -S --setuid -G --setgid --wdns", default=("sh",)),
-    "unshare": _w("-S --setuid -G --setgid -R --root -w --wd --propagation --setgroups",
-                  default=("sh",)),
+    "unshare": _w(
+        "-S --setuid -G --setgid -R --root -w --wd --propagation --setgroups", default=("sh",)
+    ),
     "sshpass": _w("-p -f -d -P"),
     "su": _w(_SU_OPTS, script_opts="-c --command --session-command", wraps=False),
-    "runuser": _w(_SU_OPTS + " -u --user", script_opts="-c --command --session-command",
-                  command_opts="-u --user"),
-    "script": _w("-c --command -E --echo -I --log-in -O --log-out -B --log-io -T "
-                 "--log-timing -m --logging-format", script_opts="-c --command", wraps=False),
+    "runuser": _w(
+        _SU_OPTS + " -u --user",
+        script_opts="-c --command --session-command",
+        command_opts="-u --user",
+    ),
+    "script": _w(
+        "-c --command -E --echo -I --log-in -O --log-out -B --log-io -T "
+        "--log-timing -m --logging-format",
+        script_opts="-c --command",
+        wraps=False,
+    ),
 }
 
 _ASSIGN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
@@ -137,8 +171,9 @@ class Script:
     offset: int = 0
 
 
-def _scan(argv: tuple[str, ...], spec: Wrapper, *, permute: bool = False
-          ) -> tuple[list[tuple[str, int, int]], int]:
+def _scan(
+    argv: tuple[str, ...], spec: Wrapper, *, permute: bool = False
+) -> tuple[list[tuple[str, int, int]], int]:
     """Options of a wrapper as (name, value index, value offset) and where its command
     starts. The value index is -1 for options without a value. With ``permute``, options
     after operands count too, as GNU getopt reads them (``su - root -c CMD``)."""
@@ -229,7 +264,7 @@ def _find_exec(argv: tuple[str, ...]) -> list[Inner]:
             while j < n and not (argv[j] == ";" or (argv[j] == "+" and argv[j - 1] == "{}")):
                 j += 1
             if j > i + 1:
-                out.append(Inner(argv[i + 1:j], tuple(range(i + 1, j)), "find-exec"))
+                out.append(Inner(argv[i + 1 : j], tuple(range(i + 1, j)), "find-exec"))
             i = j
         i += 1
     return out
@@ -255,7 +290,7 @@ def script(argv: tuple[str, ...]) -> Script | None:
     spec = WRAPPERS.get(prog)
     if spec is None or not spec.script_opts:
         return None
-    for name, vi, off in _scan(argv, spec, permute=not spec.wraps)[0]:
+    for name, vi, off in _scan(argv, spec, permute=True)[0]:
         if name in spec.script_opts and 0 <= vi < len(argv):
             return Script("sh", "string", (vi,), off)
     return None

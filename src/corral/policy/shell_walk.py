@@ -22,30 +22,44 @@ from corral.policy.shell import (
 )
 from corral.policy.shell_argv import basename, script, unwrap
 from corral.policy.shell_feeds import Feeds, In
-from corral.policy.shell_words import BACKTICK, Ctx, Field, Piped, Sub, unescape
+from corral.policy.shell_repair import (
+    REDIRECTS,
+    collect_redirect,
+    heredoc_pipe,
+    is_fd_for,
+    parse_copy,
+    repaired,
+)
+from corral.policy.shell_words import Ctx, Field, Piped, Sub
 
 Node = ts.Node
 
-_REDIRECTS = frozenset({"file_redirect", "heredoc_redirect", "herestring_redirect"})
-_LEAVES = frozenset({
-    "word", "number", "variable_name", "string_content", "raw_string", "heredoc_start",
-    "heredoc_end", "heredoc_content", "file_descriptor", "special_variable_name",
-    "extglob_pattern", "regex", "test_operator", "ansi_c_string", "comment",
-})
-_COND = frozenset({
-    "subshell", "if_statement", "elif_clause", "else_clause", "while_statement",
-    "for_statement", "c_style_for_statement", "case_statement", "case_item", "do_group",
-})
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# Nodes with nothing to run inside.
+_LEAVES = _names(
+    "word number variable_name string_content raw_string heredoc_start heredoc_end "
+    "heredoc_content file_descriptor special_variable_name extglob_pattern regex "
+    "test_operator ansi_c_string comment"
+)
+# Statements whose parts may not run, or run in a subshell (see Ctx.cond).
+_COND = _names(
+    "subshell if_statement elif_clause else_clause while_statement for_statement "
+    "c_style_for_statement case_statement case_item do_group"
+)
 # Builtins that assign the variables named by their operands at run time.
 _ASSIGNING = frozenset({"read", "mapfile", "readarray", "getopts", "let"})
+# Declarations that leave a variable named without a value unset or empty.
+_RESETTING = _names("unset local typeset declare")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_BACKTICK_ESC = re.compile(r"\\([\\$`])")
 
 
 class Walker(Feeds):
     def __init__(self, max_depth: int) -> None:
         super().__init__()
-        self.out: list[Invocation] = []
         self.partial = False
         self.functions: list[str] = []
         self.max_depth = max_depth
@@ -56,13 +70,19 @@ class Walker(Feeds):
     # -- entry points ---------------------------------------------------------------
 
     def run(self, text: str) -> None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Refused("command is not valid Unicode text") from None
         self._text(text, Ctx(self.top_vars))
 
     def _text(self, text: str, ctx: Ctx) -> None:
+        # Decoded text may carry bytes that are not UTF-8 as surrogates: keep them.
         data = text.encode("utf-8", "surrogateescape")
-        root = ts_parse(data).root_node
+        plain = parse_copy(data)
+        root = ts_parse(plain).root_node
         if root.has_error:
-            root = _repaired(data, root)
+            root = repaired(plain, root)
         if root.has_error:
             msg = bash_syntax_error(data)
             if msg is not None:
@@ -126,7 +146,7 @@ class Walker(Feeds):
         if t in ("command_substitution", "process_substitution"):
             self.out.extend(self.substitution(node, ctx, t == "process_substitution").invocations)
             return None
-        if t in _REDIRECTS:
+        if t in REDIRECTS:
             return self._command(None, ctx, [node])
         if t == "command_name":
             return self._command(None, ctx, [], name=node)
@@ -160,7 +180,7 @@ class Walker(Feeds):
                 stages.extend(self._flatten(c))
             elif c.type != "comment":
                 stages.append(c)
-                cont = _heredoc_pipe(c)
+                cont = heredoc_pipe(c)
                 if cont is not None:
                     stages.extend(self._flatten(cont))
         return stages
@@ -177,8 +197,13 @@ class Walker(Feeds):
             stdin = Piped(steps, prods, len(steps), len(prods)) if idx or ctx.stdin else None
             mark = len(self.out)
             got = self._stage(node, ctx.stage((pid, idx), stdin))
-            step = got[0] if got is not None and len(got) == 1 else decode.Step(
-                (), known=False, label=f"output of a {node.type.replace('_', ' ')}")
+            step = (
+                got[0]
+                if got is not None and len(got) == 1
+                else decode.Step(
+                    (), known=False, label=f"output of a {node.type.replace('_', ' ')}"
+                )
+            )
             steps.append(step)
             own.append(step)
             prods.extend(self.out[mark:])
@@ -189,9 +214,10 @@ class Walker(Feeds):
             return self._redirected(node, ctx, in_pipeline=True)
         return self._walk(node, ctx)
 
-    def _redirected(self, node: Node, ctx: Ctx, *, in_pipeline: bool = False
-                    ) -> list[decode.Step] | None:
-        if not in_pipeline and (cont := _heredoc_pipe(node)) is not None:
+    def _redirected(
+        self, node: Node, ctx: Ctx, *, in_pipeline: bool = False
+    ) -> list[decode.Step] | None:
+        if not in_pipeline and (cont := heredoc_pipe(node)) is not None:
             return self._stages([node, *self._flatten(cont)], ctx)
         body = node.child_by_field_name("body")
         redirs = [c for c in node.named_children if body is None or c.id != body.id]
@@ -201,7 +227,7 @@ class Walker(Feeds):
         subs: list[Sub] = []
         own: list[Redirect] = []
         for r in redirs:
-            if r.type in _REDIRECTS:
+            if r.type in REDIRECTS:
                 got = self._redirect(r, ctx, subs, None)
                 if got is not None:
                     own.append(got[0])
@@ -215,8 +241,11 @@ class Walker(Feeds):
 
     def _assignments(self, node: Node, ctx: Ctx, *, persist: bool = True) -> list[str]:
         """Record NAME=value assignments; returns them as written for an argv."""
-        nodes = [node] if node.type == "variable_assignment" else [
-            c for c in node.named_children if c.type == "variable_assignment"]
+        nodes = (
+            [node]
+            if node.type == "variable_assignment"
+            else [c for c in node.named_children if c.type == "variable_assignment"]
+        )
         shown: list[str] = []
         subs: list[Sub] = []
         for a in nodes:
@@ -253,8 +282,7 @@ class Walker(Feeds):
             else:
                 fields = self.expand(c, ctx, subs, split=True)
                 argv.extend(f.text for f in fields)
-                if c.type == "variable_name" and keyword in ("unset", "local", "typeset",
-                                                             "declare"):
+                if c.type == "variable_name" and keyword in _RESETTING:
                     ctx.vars.pop(self.text(c), None)
         self._emit([Field(a, True) for a in argv], [], ctx, None)
         for s in subs:
@@ -262,8 +290,9 @@ class Walker(Feeds):
 
     # -- simple commands ------------------------------------------------------------
 
-    def _command(self, node: Node | None, ctx: Ctx, outer: list[Node],
-                 name: Node | None = None) -> list[decode.Step] | None:
+    def _command(
+        self, node: Node | None, ctx: Ctx, outer: list[Node], name: Node | None = None
+    ) -> list[decode.Step] | None:
         items: list[tuple[str, Node]] = []
         if name is not None:
             items.append(("name", name.named_children[0] if name.named_child_count else name))
@@ -274,15 +303,15 @@ class Walker(Feeds):
                     items.append(("name", c.named_children[0] if c.named_child_count else c))
                 elif t == "variable_assignment":
                     items.append(("assign", c))
-                elif t in _REDIRECTS:
-                    _collect(c, items)
+                elif t in REDIRECTS:
+                    collect_redirect(c, items)
                 elif c.is_named and t != "comment":
                     items.append(("error" if t == "ERROR" else "arg", c))
         for r in outer:
-            if r.type in _REDIRECTS:
-                _collect(r, items)
+            if r.type in REDIRECTS:
+                collect_redirect(r, items)
             elif r.type != "comment":
-                items.append(("after", r))
+                items.append(("error" if r.type == "ERROR" else "after", r))
         if outer:
             items.sort(key=lambda kv: kv[1].start_byte)
         subs: list[Sub] = []
@@ -294,7 +323,7 @@ class Walker(Feeds):
         fd: str | None = None
         herestring = False
         for k, (kind, n) in enumerate(items):
-            if kind == "arg" and n.type == "number" and _is_fd_for(n, items, k, self.src):
+            if kind == "arg" and n.type == "number" and is_fd_for(n, items, k, self.src):
                 fd = self.text(n)
             elif kind in ("name", "arg"):
                 brace = kind == "name" and n.start_byte == self.brace_at
@@ -332,94 +361,32 @@ class Walker(Feeds):
                     ctx.vars.pop(f.text, None)
         return [step] if step is not None else None
 
-    def _redirect(self, node: Node, ctx: Ctx, subs: list[Sub], fd: str | None, *,
-                  herestring: bool = False) -> tuple[Redirect, In | None, Node | None] | None:
-        op = ""
-        target: Field | None = None
-        body: Node | None = None
-        delim = ""
-        for c in node.children:
-            t = c.type
-            if t == "file_descriptor":
-                fd = self.text(c)
-            elif t == "heredoc_start":
-                delim = self.text(c)
-            elif t == "heredoc_body":
-                body = c
-            elif t == "ERROR":
-                if op == "<" and self.text(c) == ">":
-                    op = "<>"  # tree-sitter-bash does not know the read-write redirect
-            elif not c.is_named:
-                op = op or self.text(c)
-            elif target is None and t not in _REDIRECTS and node.type != "heredoc_redirect":
-                target = self.expand(c, ctx, subs, split=False)[0]
-        if node.type == "heredoc_redirect":
-            return self._heredoc(node, ctx, op, delim, body, fd)
-        if herestring and op == "<":
-            op = "<<<"
-        if op.endswith("-") and op in (">&-", "<&-"):
-            return Redirect(op[:-1], "-", fd), None, None
-        text = target.text if target else ""
-        red = Redirect(op, text, fd, dynamic=target is not None and not target.known)
-        src: In | None = None
-        if fd in (None, "0"):
-            if op == "<<<" and target is not None:
-                src = In("herestring", text + "\n", target.known)
-            elif op in ("<", "<>"):
-                src = In("file", text, target is not None and target.known, target)
-        return red, src, None
-
-    def _heredoc(self, node: Node, ctx: Ctx, op: str, delim: str, body: Node | None,
-                 fd: str | None) -> tuple[Redirect, In | None, Node | None]:
-        # tree-sitter leaves leading blanks out of heredoc_body: take the lines whole.
-        end = body.end_byte if body is not None else (
-            ends[0].start_byte if (ends := [c for c in node.children if c.type == "heredoc_end"])
-            else node.end_byte)
-        start = body.start_byte if body is not None else end
-        line = self.src.rfind(b"\n", 0, start)
-        if line >= 0 and all(line >= c.end_byte for c in node.children
-                             if c.type == "heredoc_start"):
-            start = line + 1
-        quoted = any(q in delim for q in "'\"\\")
-        if quoted or body is None:
-            text, known = self.src[start:end].decode("utf-8", "replace"), True
-            if op == "<<-":
-                text = "\n".join(ln.lstrip("\t") for ln in text.split("\n"))
-        else:
-            text, known = self.heredoc_text(body, ctx, start, end, strip_tabs=op == "<<-")
-        src = In("heredoc", text, known) if fd in (None, "0") else None
-        walk = body if body is not None and not quoted and body.named_child_count else None
-        return Redirect(op or "<<", text, fd, dynamic=not known), src, walk
-
-    def _heredoc_subs(self, body: Node, ctx: Ctx) -> None:
-        """Run the substitutions of an unquoted heredoc body. tree-sitter-bash leaves
-        backticks there as text and reads $((...)) as a command substitution."""
-        for c in body.named_children:
-            if c.type == "command_substitution" and self.text(c).startswith("$(("):
-                subs: list[Sub] = []
-                saved, self.src = self.src, b": " + self.raw(c)
-                try:
-                    self.subs_in(ts_parse(self.src).root_node, ctx, subs)
-                finally:
-                    self.src = saved
-                for s in subs:
-                    self.out.extend(s.invocations)
-            elif c.type != "heredoc_content":
-                self._walk(c, ctx)
-        for m in BACKTICK.finditer(self.text(body)):
-            self._text(unescape(m.group(1), _BACKTICK_ESC), ctx)
-
     # -- what a command does --------------------------------------------------------
 
-    def _emit(self, fields: list[Field], redirects: list[Redirect], ctx: Ctx,
-              stdin: In | None, wrappers: tuple[str, ...] = (), origin: str | None = None
-              ) -> decode.Step | None:
+    def _emit(
+        self,
+        fields: list[Field],
+        redirects: list[Redirect],
+        ctx: Ctx,
+        stdin: In | None,
+        wrappers: tuple[str, ...] = (),
+        origin: str | None = None,
+    ) -> decode.Step | None:
         argv = tuple(f.text for f in fields)
         dynamic = bool(fields) and not fields[0].known
         pipe = ctx.pipe
-        inv = Invocation(argv, basename(argv[0]) if argv else "", tuple(redirects),
-                         origin or ctx.origin, wrappers, dynamic, ctx.background, ctx.depth,
-                         pipe[1] if pipe else None, pipe[0] if pipe else None)
+        inv = Invocation(
+            argv,
+            basename(argv[0]) if argv else "",
+            tuple(redirects),
+            origin or ctx.origin,
+            wrappers,
+            dynamic,
+            ctx.background,
+            ctx.depth,
+            pipe[1] if pipe else None,
+            pipe[0] if pipe else None,
+        )
         self.out.append(inv)
         if not argv or dynamic:
             return None
@@ -437,116 +404,17 @@ class Walker(Feeds):
         if sc is not None:
             self._script(sc, fields, ctx, stdin)
         for inner in unwrap(argv):
-            ifields = [Field(t, True) if s < 0 else fields[s].derive(t)
-                       for t, s in zip(inner.argv, inner.src, strict=True)]
+            ifields = [
+                Field(t, True) if s < 0 else fields[s].derive(t)
+                for t, s in zip(inner.argv, inner.src, strict=True)
+            ]
             ictx, istdin = (ctx.unpiped(), None) if inner.origin == "xargs" else (ctx, stdin)
-            got = self._emit(ifields, redirects, ictx, istdin, (*wrappers, inv.program),
-                             inner.origin or origin)
+            got = self._emit(
+                ifields, redirects, ictx, istdin, (*wrappers, inv.program), inner.origin or origin
+            )
             if inner.origin is None:
                 step = got
         return step
-
-
-def _repaired(data: bytes, root: Node) -> Node:
-    """Work around two tree-sitter-bash gaps with same-length rewrites of the text (nodes
-    are read from the original bytes, so offsets must not move): it lacks the read-write
-    redirect "<>" (">|" parses the same), and it ends a heredoc at any line that starts
-    with the delimiter ("    EOF = 1" ends <<'EOF'), where bash wants the exact line; the
-    body of a quoted heredoc is literal, so blanking it lets the true end be found."""
-    fixed = data.replace(b"<>", b">|") if b"<>" in data else data
-    if b"<<" in data:
-        fixed = _blank_heredocs(fixed, root)
-    if fixed == data:
-        return root
-    alt = ts_parse(fixed).root_node
-    return root if alt.has_error else alt
-
-
-def _blank_heredocs(data: bytes, root: Node) -> bytes:
-    starts: list[Node] = []
-    stack = [root]
-    while stack:
-        n = stack.pop()
-        if n.type == "heredoc_start":
-            starts.append(n)
-        stack.extend(n.children)
-    out = bytearray(data)
-    pos = 0
-    for n in sorted(starts, key=lambda x: x.start_byte):
-        if n.start_byte < pos:
-            continue  # a "<<" inside a body we already placed
-        raw = data[n.start_byte:n.end_byte]
-        delim = raw.replace(b"'", b"").replace(b'"', b"").replace(b"\\", b"")
-        strip = n.prev_sibling is not None and n.prev_sibling.type == "<<-"
-        nl = data.find(b"\n", max(n.end_byte, pos))
-        if nl < 0:
-            break
-        start = i = nl + 1
-        while True:
-            j = data.find(b"\n", i)
-            end = j if j >= 0 else len(data)
-            line = data[i:end]
-            if (line.lstrip(b"\t") if strip else line) == delim or j < 0:
-                break
-            i = j + 1
-        if delim != raw:  # quoted: the body is literal text
-            # Not blanks: tree-sitter would leave the body out of its heredoc_body node.
-            fill = next(c for c in b"xyz" if c not in delim)
-            out[start:i] = bytes(b if b == 0x0A else fill for b in data[start:i])
-            if len(raw) >= len(delim) + 2:  # E"O"F: tree-sitter wants the quotes outside
-                out[n.start_byte:n.end_byte] = b"'" + delim + b"'" + b" " * (
-                    len(raw) - len(delim) - 2)
-        pos = end
-    return bytes(out)
-
-
-def _collect(node: Node, items: list[tuple[str, Node]]) -> None:
-    """Add a redirect to a command's items, unpacking what tree-sitter nests in it."""
-    if node.type == "file_redirect":
-        items.append(("redir", node))
-        seen_target = False
-        for c in node.children:
-            if c.is_named and c.type not in ("file_descriptor", "ERROR"):
-                if seen_target:
-                    items.append(("arg", c))  # "echo > f a b" passes a and b to echo
-                seen_target = True
-        return
-    if node.type == "herestring_redirect":
-        items.append(("redir", node))
-        return
-    items.append(("heredoc", node))
-    for c in node.named_children:
-        if c.type in _REDIRECTS:
-            _collect(c, items)
-        elif c.type == "ERROR":
-            for e in c.named_children:
-                (_collect(e, items) if e.type in _REDIRECTS else items.append(("after", e)))
-        elif c.type not in ("heredoc_start", "heredoc_body", "heredoc_end", "pipeline"):
-            items.append(("after", c))
-
-
-def _heredoc_pipe(node: Node) -> Node | None:
-    """tree-sitter nests "| rest" of "cat <<EOF | sh" inside the heredoc redirect."""
-    if node.type != "redirected_statement":
-        return None
-    for c in node.named_children:
-        if c.type == "heredoc_redirect":
-            for h in c.named_children:
-                if h.type == "pipeline":
-                    return h
-    return None
-
-
-def _is_fd_for(node: Node, items: list[tuple[str, Node]], k: int, src: bytes) -> bool:
-    """tree-sitter reads the "0" of "... 0>&1" as a word when it follows another word."""
-    if k + 1 >= len(items) or node.type not in ("number", "word"):
-        return False
-    kind, nxt = items[k + 1]
-    if kind != "redir" or nxt.start_byte != node.end_byte or nxt.type != "file_redirect":
-        return False
-    digits = src[node.start_byte:node.end_byte]
-    return len(digits) < 4 and digits.isdigit() and not any(
-        c.type == "file_descriptor" for c in nxt.children)
 
 
 def _unknown_names(fields: list[Field]) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ class Piped:
     m: int
 
     def producers(self) -> tuple[tuple[decode.Step, ...], tuple[Invocation, ...]]:
-        return tuple(self.steps[:self.n]), tuple(self.prods[:self.m])
+        return tuple(self.steps[: self.n]), tuple(self.prods[: self.m])
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,33 +44,51 @@ class Ctx:
     # True where a statement may not run, or runs in a subshell; an assignment there
     # cannot be trusted later, so it makes its variable unknown instead.
     cond: bool = False
-    pipe: tuple[int, int] | None = None     # (pipeline id, stage index)
-    stdin: Piped | None = None              # what is piped into this context
-    redirects: tuple[Redirect, ...] = ()    # from an enclosing redirected compound command
+    pipe: tuple[int, int] | None = None  # (pipeline id, stage index)
+    stdin: Piped | None = None  # what is piped into this context
+    redirects: tuple[Redirect, ...] = ()  # from an enclosing redirected compound command
 
     # Hand-written copies: dataclasses.replace is a hot spot of the whole parse.
     def conditional(self, background: bool | None = None) -> Ctx:
         bg = self.background if background is None else background
         if self.cond and bg == self.background:
             return self
-        return Ctx(self.vars, self.origin, self.depth, bg, True, self.pipe, self.stdin,
-                   self.redirects)
+        return Ctx(
+            self.vars, self.origin, self.depth, bg, True, self.pipe, self.stdin, self.redirects
+        )
 
     def nested(self, origin: str) -> Ctx:
         """Context of a substitution or function body: its own, unpiped world."""
         return Ctx(self.vars, origin, self.depth, self.background, True)
 
     def stage(self, pipe: tuple[int, int], stdin: Piped | None) -> Ctx:
-        return Ctx(self.vars, self.origin, self.depth, self.background, True, pipe, stdin,
-                   self.redirects)
+        return Ctx(
+            self.vars, self.origin, self.depth, self.background, True, pipe, stdin, self.redirects
+        )
 
     def redirected(self, redirects: tuple[Redirect, ...]) -> Ctx:
-        return Ctx(self.vars, self.origin, self.depth, self.background, self.cond, self.pipe,
-                   self.stdin, redirects)
+        return Ctx(
+            self.vars,
+            self.origin,
+            self.depth,
+            self.background,
+            self.cond,
+            self.pipe,
+            self.stdin,
+            redirects,
+        )
 
     def unpiped(self) -> Ctx:
-        return Ctx(self.vars, self.origin, self.depth, self.background, self.cond, None, None,
-                   self.redirects)
+        return Ctx(
+            self.vars,
+            self.origin,
+            self.depth,
+            self.background,
+            self.cond,
+            None,
+            None,
+            self.redirects,
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -78,7 +96,7 @@ class Sub:
     """A command or process substitution, walked apart from the command using it."""
 
     invocations: tuple[Invocation, ...]
-    result: decode.Recovered | None     # static output (None: not a simple pipeline)
+    result: decode.Recovered | None  # static output (None: not a simple pipeline)
     steps: list[decode.Step] | None
     process: bool
 
@@ -90,8 +108,8 @@ class Field:
     text: str
     known: bool
     subs: tuple[Sub, ...] = ()
-    unknown: tuple[str, ...] = ()   # unknown expansions, as written
-    whole: bool = False             # the field is nothing but one expansion
+    unknown: tuple[str, ...] = ()  # unknown expansions, as written
+    whole: bool = False  # the field is nothing but one expansion
 
     def derive(self, text: str) -> Field:
         if text == self.text:
@@ -102,7 +120,7 @@ class Field:
 @dataclass(slots=True)
 class _Seg:
     text: str
-    split: bool = False       # an unquoted expansion: subject to field splitting
+    split: bool = False  # an unquoted expansion: subject to field splitting
     known: bool = True
     sub: Sub | None = None
     unknown: str | None = None
@@ -133,16 +151,16 @@ class Words:
 
     def __init__(self) -> None:
         self.expanded = 0  # characters produced by variable expansion, against blow-ups
-        self.src = b""     # the text being walked; nodes are read from it, not from the tree
+        self.src = b""  # the text being walked; nodes are read from it, not from the tree
 
     def substitution(self, node: Node, ctx: Ctx, process: bool) -> Sub:
         raise NotImplementedError
 
     def raw(self, node: Node) -> bytes:
-        return self.src[node.start_byte:node.end_byte]
+        return self.src[node.start_byte : node.end_byte]
 
     def text(self, node: Node) -> str:
-        return self.src[node.start_byte:node.end_byte].decode("utf-8", "replace")
+        return self.src[node.start_byte : node.end_byte].decode("utf-8", "replace")
 
     @staticmethod
     def assign(ctx: Ctx, name: str, value: str | None) -> None:
@@ -151,8 +169,9 @@ class Words:
         else:
             ctx.vars.pop(name, None)
 
-    def expand(self, node: Node, ctx: Ctx, subs: list[Sub], *, split: bool,
-               prefix: str = "") -> list[Field]:
+    def expand(
+        self, node: Node, ctx: Ctx, subs: list[Sub], *, split: bool, prefix: str = ""
+    ) -> list[Field]:
         t = node.type
         if t == "word" and not prefix:
             raw = self.text(node)
@@ -175,8 +194,9 @@ class Words:
             elif c.named_child_count:
                 self.subs_in(c, ctx, subs)
 
-    def heredoc_text(self, body: Node, ctx: Ctx, start: int, end: int, *,
-                     strip_tabs: bool) -> tuple[str, bool]:
+    def heredoc_text(
+        self, body: Node, ctx: Ctx, start: int, end: int, *, strip_tabs: bool
+    ) -> tuple[str, bool]:
         """Text of an unquoted heredoc body with known variables expanded. Command
         substitutions stay as written: the caller walks them, or hands the whole text
         to a shell that will."""
@@ -187,8 +207,7 @@ class Words:
         for c in body.named_children:
             start, end = c.start_byte - base, c.end_byte - base
             if start > pos:
-                segs.append(_Seg(unescape(raw[pos:start].decode("utf-8", "replace"),
-                                          _HEREDOC_ESC)))
+                segs.append(_Seg(unescape(raw[pos:start].decode("utf-8", "replace"), _HEREDOC_ESC)))
             if c.type in ("simple_expansion", "expansion"):
                 self._var(c, ctx, None, segs, True)
             elif c.type == "heredoc_content":
@@ -203,8 +222,7 @@ class Words:
             text = "\n".join(line.lstrip("\t") for line in text.split("\n"))
         return text, all(s.known for s in segs)
 
-    def _segs(self, node: Node, ctx: Ctx, subs: list[Sub], segs: list[_Seg],
-              quoted: bool) -> None:
+    def _segs(self, node: Node, ctx: Ctx, subs: list[Sub], segs: list[_Seg], quoted: bool) -> None:
         t = node.type
         if t == "word":
             raw = self.text(node)
@@ -256,8 +274,9 @@ class Words:
         if stop > pos:
             segs.append(_Seg(unescape(raw[pos:stop].decode("utf-8", "replace"), _DQ_ESC)))
 
-    def _var(self, node: Node, ctx: Ctx, subs: list[Sub] | None, segs: list[_Seg],
-             quoted: bool) -> None:
+    def _var(
+        self, node: Node, ctx: Ctx, subs: list[Sub] | None, segs: list[_Seg], quoted: bool
+    ) -> None:
         raw = self.text(node)
         named = node.named_children
         if len(named) == 1 and named[0].type == "variable_name":
@@ -271,8 +290,7 @@ class Words:
                 if value is not None:
                     self.expanded += len(value)
                     if self.expanded > MAX_EXPANSION:
-                        raise Refused("variable expansion larger than "
-                                      f"{MAX_EXPANSION} characters")
+                        raise Refused(f"variable expansion larger than {MAX_EXPANSION} characters")
                     segs.append(_Seg(value, split=not quoted, expansion=True))
                     return
         if subs is not None:
@@ -285,7 +303,8 @@ def _plain(node: Node) -> bool:
     if node.type in _PLAIN:
         return True
     return node.type == "concatenation" and all(
-        c.type in _PLAIN or not c.is_named for c in node.children)
+        c.type in _PLAIN or not c.is_named for c in node.children
+    )
 
 
 def _fields(segs: list[_Seg], ifs: str) -> list[Field]:
@@ -319,10 +338,16 @@ def _field(parts: list[tuple[str, _Seg]]) -> Field:
         if s.sub is not None and all(s.sub is not x for x in subs):
             subs.append(s.sub)
     meaningful = [s for s in segs if s.expansion or s.text]
-    whole = bool(meaningful) and all(s is meaningful[0] for s in meaningful) and \
-        meaningful[0].expansion
-    return Field("".join(p for p, _ in parts), all(s.known for s in segs), tuple(subs),
-                 tuple(s.unknown for s in segs if s.unknown), whole)
+    whole = (
+        bool(meaningful) and all(s is meaningful[0] for s in meaningful) and meaningful[0].expansion
+    )
+    return Field(
+        "".join(p for p, _ in parts),
+        all(s.known for s in segs),
+        tuple(subs),
+        tuple(s.unknown for s in segs if s.unknown),
+        whole,
+    )
 
 
 # -- brace expansion ("{a,b}", "{1..3}") -------------------------------------------------
@@ -350,7 +375,7 @@ def _brace(w: str) -> list[str] | None:
         if c == "{" and (i == 0 or w[i - 1] != "$"):
             alts, end = _alternatives(w, i)
             if alts is not None:
-                tails = _brace(w[end + 1:])
+                tails = _brace(w[end + 1 :])
                 if tails is None:
                     return None
                 res: list[str] = []
@@ -379,7 +404,7 @@ def _alternatives(w: str, start: int) -> tuple[list[str] | None, int]:
         elif c == "}":
             if parts:
                 return [*parts, w[last:i]], i
-            return _sequence(w[start + 1:i]), i
+            return _sequence(w[start + 1 : i]), i
         elif c == "," and not depth:
             parts.append(w[last:i])
             last = i + 1
@@ -396,9 +421,11 @@ def _sequence(body: str) -> list[str] | None:
         step = abs(int(m.group(3) or 1)) or 1
         if abs(b - a) // step >= _BRACE_LIMIT:
             return None
-        width = max(len(m.group(1)), len(m.group(2))) if (
-            m.group(1).lstrip("-").startswith("0") or m.group(2).lstrip("-").startswith("0")
-        ) else 0
+        width = (
+            max(len(m.group(1)), len(m.group(2)))
+            if (m.group(1).lstrip("-").startswith("0") or m.group(2).lstrip("-").startswith("0"))
+            else 0
+        )
         rng = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
         return [str(v).zfill(width) for v in rng]
     x, y = ord(m.group(4)), ord(m.group(5))
