@@ -18,8 +18,12 @@ fi
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "corral setup: installing ${need[*]} with apt-get" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  apt_opts=()
+  # apt verifies signatures as the unprivileged _apt user, which needs a world-writable
+  # /tmp; minimal containers sometimes mount /tmp without it.
+  if [ "$(stat -c %a /tmp)" != 1777 ]; then apt_opts+=(-o APT::Sandbox::User=root); fi
+  apt-get "${apt_opts[@]}" update -qq >/dev/null
+  apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   exit 0
 fi
 
