@@ -27,6 +27,8 @@ demo: setup
 	@$(BIN)/corral demo
 
 test: setup
+	@$(BIN)/ruff check src tests bench
+	@$(BIN)/mypy
 	@$(BIN)/python -m pytest -q
 
 bench: setup

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.cli import main as cli_main
+from corral.ledger import verify_path
 from corral.policy import Policy
 from corral.policy.shell import parse
 
@@ -110,18 +111,35 @@ def bashlex_baseline(commands: list[str]) -> tuple[float, int] | None:
     return statistics.median(times), failures
 
 
-def batch_throughput(benign: list[dict[str, Any]], policy: str) -> tuple[float, int]:
+def _time_batch(rows: list[str], policy: str, tmp: Path, name: str) -> tuple[float, Path]:
+    src = tmp / f"{name}.jsonl"
+    src.write_text("".join(json.dumps({"command": c}) + "\n" for c in rows))
+    ledger = tmp / f"{name}.db"
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        cli_main(["check", "--policy", policy, "--batch", str(src), "--ledger", str(ledger)])
+    elapsed = time.perf_counter() - t0
+    assert out.getvalue().count("\n") == len(rows)
+    return elapsed, ledger
+
+
+def batch_throughput(benign: list[dict[str, Any]], policy: str) -> tuple[float, float, float]:
+    """Steady-state commands/s through the real CLI batch path (ledger writes included),
+    the fixed start-up cost of one `corral check --batch` (policy load, rule compile),
+    and the verify rate of the ledger written. The corpus is run once and three times:
+    the difference is steady-state work, so start-up cost does not dilute the rate."""
+    commands = [r["command"] for r in benign]
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "batch.jsonl"
-        src.write_text("".join(json.dumps({"command": r["command"]}) + "\n" for r in benign))
-        ledger = Path(tmp) / "ledger.db"
-        out = io.StringIO()
+        t1, _ = _time_batch(commands, policy, Path(tmp), "x1")
+        t3, ledger = _time_batch(commands * 3, policy, Path(tmp), "x3")
+        rate = 2 * len(commands) / (t3 - t1)
+        startup = max(0.0, t1 - len(commands) / rate)
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(out):
-            cli_main(["check", "--policy", policy, "--batch", str(src), "--ledger", str(ledger)])
-        elapsed = time.perf_counter() - t0
-        lines = out.getvalue().count("\n")
-    return lines / elapsed, lines
+        report = verify_path(ledger)
+        verify_rate = report.records / (time.perf_counter() - t0)
+        assert report.ok, report
+    return rate, startup, verify_rate
 
 
 def main() -> None:
@@ -202,10 +220,12 @@ def main() -> None:
             f"  parser bashlex (baseline): median {bl[0] * 1e6:.0f} µs/command, fails on {bl[1]}/{len(commands)} "
             f"({bl[1] / len(commands):.1%}); tree-sitter is {bl[0] / tsp50:.1f}× faster"
         )
-    rate, n = batch_throughput(benign, args.policy)
+    rate, startup, verify_rate = batch_throughput(benign, args.policy)
     print(
-        f"  batch: {rate:,.0f} commands/s through `corral check --batch` with ledger writes ({n} commands; target ≥ 5,000/s)"
+        f"  batch: {rate:,.0f} commands/s through `corral check --batch` with ledger writes"
+        f" (steady state; target ≥ 5,000/s), plus {startup * 1e3:.0f} ms start-up per process"
     )
+    print(f"  ledger verify: {verify_rate:,.0f} records/s")
 
     if args.json:
         out = {

@@ -32,7 +32,7 @@ from corral.policy.rules import (
     path_glob_regex,
     screening_regexes,
 )
-from corral.policy.schema import HostPattern
+from corral.policy.schema import CommandRule, HostPattern
 from corral.policy.shell import Invocation, ParsedCommand, ShellFeed, parse
 
 if TYPE_CHECKING:
@@ -41,6 +41,12 @@ if TYPE_CHECKING:
 _OUT_OPS = frozenset({">", ">>", ">|", "&>", "&>>", "<>", ">&"})
 _IN_TEXT_OPS = frozenset({"<<", "<<-", "<<<"})
 _WORDS = re.compile(r"[^\s|&;<>]+")
+
+
+_Plan = tuple[
+    tuple[tuple[CompiledRule, "str | None"], ...],
+    tuple[tuple["CommandRule", "re.Pattern[str] | None"], ...],
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +235,7 @@ class Gate:
         self.hidden = re.compile("|".join(hidden)) if hidden else None
         self._writers = dict(self.rules.writers)
         self._screens = screening_regexes(self.rules.rules)
+        self._plans: dict[str, _Plan] = {}
         self._program_cache: dict[str, Finding | None] = {}
         self._script_globs = (*self.rules.interpreters, *self.rules.shells)
         self._scripted: dict[str, bool] = {}
@@ -357,9 +364,12 @@ class Gate:
         if scripted is None:
             scripted = self._scripted[program] = match_globs(program, self._script_globs)
         view = _View(inv, scripted)
+        plan = self._plans.get(program)
+        if plan is None:
+            plan = self._plan(program)
+        rules, argv_rules = plan
         screened: dict[str, bool] = {}
-        for rule in self.rules.for_program(program):
-            key = rule.screen
+        for rule, key in rules:
             if key is not None:
                 passed = screened.get(key)
                 if passed is None:
@@ -386,9 +396,7 @@ class Gate:
                         f"{m.group(0)} is hidden by the policy (filesystem.hidden)",
                     )
                     break
-        for argv_rule, pattern in self.argv_rules:
-            if argv_rule.program and not match_globs(program, argv_rule.program):
-                continue
+        for argv_rule, pattern in argv_rules:
             if pattern is not None and not pattern.search(view.joined):
                 continue
             yield Finding(
@@ -401,8 +409,25 @@ class Gate:
         if program in self.rules.network_tools:
             yield from self._judge_network(view)
 
+    def _plan(self, program: str) -> _Plan:
+        """The rules that can apply to ``program``, with their screen keys (cached:
+        the same few programs recur in nearly every command)."""
+        plan: _Plan = (
+            tuple((r, r.screen) for r in self.rules.for_program(program)),
+            tuple(
+                (r, p)
+                for r, p in self.argv_rules
+                if not r.program or match_globs(program, r.program)
+            ),
+        )
+        if len(self._plans) < 8192:
+            self._plans[program] = plan
+        return plan
+
     def _screen(self, key: str, view: _View) -> bool:
         regex = self._screens[key]
+        if key == "keywords":
+            return regex.search(view.lower) is not None
         if key == "redirect":
             return any(regex.search(f"{r.op} {r.target}") for r in view.inv.redirects)
         if key == "path:write":

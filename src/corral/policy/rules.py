@@ -126,6 +126,8 @@ class CompiledRule:
     def screen(self) -> str | None:
         """The rule's cheapest necessary condition that can be screened for many rules
         at once: one combined regex decides whether any such rule could match."""
+        if self.keywords:
+            return "keywords"
         if self.path_regex is not None:
             return f"path:{self.path_access}"
         if self.redirect is not None:
@@ -423,6 +425,9 @@ def screening_regexes(rules: Iterable[CompiledRule]) -> dict[str, re.Pattern[str
     for r in rules:
         key = r.screen
         if key is None:
+            continue
+        if key == "keywords":
+            parts.setdefault(key, []).extend(re.escape(k) for k in r.keywords)
             continue
         pattern = (
             r.text if key == "text" else r.path_regex if key.startswith("path") else r.redirect
