@@ -131,3 +131,37 @@ def test_demo_runs_and_blocks_the_incident(home: Path) -> None:
     r = corral(home, "demo")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "denied" in r.stdout and "intact" in r.stdout
+
+
+BAD_POLICIES = {
+    "unknown key": (
+        "version: 1\nnetwork:\n  mode: none\n  alow: []\n",
+        "bad.yaml:4",
+        "network.alow",
+    ),
+    "wrong type": ("version: 1\nresources:\n  pids: many\n", "bad.yaml:3", "resources.pids"),
+    "bad pattern": (
+        "version: 1\ncommands:\n  rules:\n    - id: r\n      argv: '(unclosed'\n      decision: deny\n      reason: x\n",
+        "bad.yaml:5",
+        "commands.rules[0].argv",
+    ),
+    "too broad host": (
+        "version: 1\nnetwork:\n  mode: proxy\n  allow: ['*.com']\n",
+        "bad.yaml:4",
+        "network.allow[0]",
+    ),
+    "extends cycle": ("version: 1\nextends: ./bad.yaml\n", "bad.yaml:2", "extends"),
+    "missing file": ("version: 1\nextends: ./nowhere.yaml\n", "bad.yaml:2", "extends"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_POLICIES))
+def test_bad_policy_one_message_with_file_line_key(home: Path, tmp_path: Path, case: str) -> None:
+    text, where, key = BAD_POLICIES[case]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    r = corral(home, "policy", "validate", str(bad))
+    assert r.returncode == 2, r.stdout
+    assert where in r.stderr and key in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

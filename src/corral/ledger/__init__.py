@@ -15,11 +15,10 @@ from corral.ledger.store import (
     KIND_DECISION,
     KIND_EVENT,
     KIND_NOTE,
-    SCHEMA_VERSION,
     Durability,
     Ledger,
-    verify_path,
 )
+from corral.ledger.verify import SCHEMA_VERSION, verify_path
 
 __all__ = [
     "HASH_PREFIX",

@@ -43,7 +43,6 @@ from typing import Any, Literal
 
 from corral.errors import LedgerError
 from corral.ledger.chain import (
-    ChainChecker,
     LedgerRecord,
     VerifyReport,
     as_opt_int,
@@ -53,16 +52,16 @@ from corral.ledger.chain import (
     genesis_hash,
     record_hash,
 )
+from corral.ledger.verify import COLUMNS as _COLUMNS
+from corral.ledger.verify import SCHEMA_VERSION, rollback, verify_connection
 from corral.model import Action, Alert, Decision, Event
 from corral.paths import default_ledger_path
 
-SCHEMA_VERSION = 1
 Durability = Literal["full", "normal"]
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 
 KIND_DECISION, KIND_EVENT, KIND_ALERT, KIND_NOTE = "decision", "event", "alert", "note"
 
-_COLUMNS = "seq, ts, kind, run_id, episode, step, action_id, sandbox_id, body, prev_hash, hash"
 # meta is a single row (id = 1). head_seq/head_hash are not part of the chain; they exist so
 # that deleting the last rows is detectable.
 _SCHEMA = """
@@ -79,7 +78,6 @@ CREATE INDEX records_kind ON records(kind);
 _INSERT = f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SET_HEAD = "UPDATE meta SET head_seq = ?, head_hash = ? WHERE id = 1"
 _READ_CHUNK = 512
-_VERIFY_TIMEOUT_S = 10.0
 
 
 class Ledger:
@@ -281,7 +279,7 @@ class Ledger:
             # lock means no other writer can slip a row in between.
             self._head = start = self._read_head(conn)
         except sqlite3.Error as e:
-            _rollback(conn)
+            rollback(conn)
             raise LedgerError(f"cannot start a ledger write: {e}") from e
         try:
             yield
@@ -294,10 +292,10 @@ class Ledger:
                 self._cur.execute(_SET_HEAD, self._head)
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            _rollback(conn)
+            rollback(conn)
             raise LedgerError(f"ledger write failed: {e}") from e
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             raise
         finally:
             self._head, self._broken = None, False
@@ -395,62 +393,7 @@ class Ledger:
                 # Inside a batch the stored head is written at commit; bring it up to date
                 # so that the check compares like with like.
                 self._cur.execute(_SET_HEAD, self._head)
-            return _verify_conn(conn)
-
-
-def verify_path(path: str | os.PathLike[str]) -> VerifyReport:
-    """Verify the ledger file at ``path`` without writing to it; never raises for a bad file.
-
-    The file is opened read-write when allowed (nothing is written) so that SQLite removes
-    the ``-wal``/``-shm`` files it needs when it closes, and read-only otherwise.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        return VerifyReport.unreadable(f"no ledger file at {p}")
-    mode = "rw" if os.access(p, os.W_OK) and os.access(p.parent, os.W_OK) else "ro"
-    try:
-        uri = f"{p.resolve().as_uri()}?mode={mode}"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=_VERIFY_TIMEOUT_S)
-    except sqlite3.Error as e:
-        return VerifyReport.unreadable(f"cannot open {p}: {e}")
-    try:
-        return _verify_conn(conn)
-    finally:
-        conn.close()
-
-
-def _verify_conn(conn: sqlite3.Connection) -> VerifyReport:
-    # Outside a write transaction, read one snapshot, so that an append landing between
-    # reading meta and reading the last row cannot look like tampering.
-    own_txn = not conn.in_transaction
-    checker: ChainChecker | None = None
-    try:
-        if own_txn:
-            conn.execute("BEGIN")
-        try:
-            meta = conn.execute(
-                "SELECT schema_version, ledger_id, head_seq, head_hash FROM meta WHERE id = 1"
-            ).fetchone()
-        except sqlite3.OperationalError as e:
-            return VerifyReport.unreadable(f"not a corral ledger ({e})")
-        if meta is None:
-            return VerifyReport.unreadable("not a corral ledger (meta row missing)")
-        version, ledger_id, head_seq, head_hash = meta
-        if version != SCHEMA_VERSION:
-            return VerifyReport.unreadable(f"unsupported ledger schema version {version!r}")
-        checker = ChainChecker(str(ledger_id), head_seq, head_hash)
-        cur = conn.execute(f"SELECT {_COLUMNS} FROM records ORDER BY seq")
-        while rows := cur.fetchmany(_READ_CHUNK):
-            if (bad := checker.feed(rows)) is not None:
-                return bad
-        return checker.finish()
-    except sqlite3.Error as e:
-        if checker is None:
-            return VerifyReport.unreadable(f"not a readable SQLite ledger ({e})")
-        return checker.interrupted(f"database unreadable: {e}")
-    finally:
-        if own_txn:
-            _rollback(conn)
+            return verify_connection(conn)
 
 
 def _prepare(conn: sqlite3.Connection, path: Path | None, durability: str, create: bool) -> str:
@@ -483,7 +426,7 @@ def _prepare(conn: sqlite3.Connection, path: Path | None, durability: str, creat
                     )
                 conn.execute("COMMIT")
             finally:
-                _rollback(conn)
+                rollback(conn)
         row = conn.execute("SELECT schema_version, ledger_id FROM meta WHERE id = 1").fetchone()
     except sqlite3.Error as e:
         raise LedgerError(f"cannot open ledger {where}: {e}") from e
@@ -491,14 +434,6 @@ def _prepare(conn: sqlite3.Connection, path: Path | None, durability: str, creat
         found = "no meta row" if row is None else f"schema version {row[0]!r}"
         raise LedgerError(f"{where}: unsupported ledger ({found})")
     return str(row[1])
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    # Any error here is less useful than the one that got us here, and SQLite rolls back an
-    # open transaction when the connection closes anyway.
-    if conn.in_transaction:
-        with suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
 
 
 def _create_private_file(p: Path) -> None:

@@ -13,16 +13,15 @@ Nothing here is a containment guarantee.
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import re
 import shlex
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from corral.model import Action, ActionKind, Category, Decision, Verdict
-from corral.policy import netdest
+from corral.policy.matching import Finding, InvocationView, fill_reason, rule_matches
+from corral.policy.netpolicy import NetworkRules
 from corral.policy.rules import (
     CompiledRule,
     RuleSet,
@@ -32,14 +31,12 @@ from corral.policy.rules import (
     path_glob_regex,
     screening_regexes,
 )
-from corral.policy.schema import CommandRule, HostPattern
+from corral.policy.schema import CommandRule
 from corral.policy.shell import Invocation, ParsedCommand, ShellFeed, parse
 
 if TYPE_CHECKING:
     from corral.policy.policy import Policy
 
-_OUT_OPS = frozenset({">", ">>", ">|", "&>", "&>>", "<>", ">&"})
-_IN_TEXT_OPS = frozenset({"<<", "<<-", "<<<"})
 _WORDS = re.compile(r"[^\s|&;<>]+")
 
 
@@ -47,168 +44,6 @@ _Plan = tuple[
     tuple[tuple[CompiledRule, "str | None"], ...],
     tuple[tuple["CommandRule", "re.Pattern[str] | None"], ...],
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    verdict: Verdict
-    rule: str
-    category: Category | None
-    reason: str
-    priority: int = 50
-
-    def key(self) -> tuple[int, int, int]:
-        return (self.verdict.rank, 1 if self.category else 0, self.priority)
-
-
-class _View:
-    """What the rules look at for one invocation, computed on demand."""
-
-    __slots__ = (
-        "_joined",
-        "_lower",
-        "_paths",
-        "_text",
-        "_writes",
-        "args",
-        "inv",
-        "is_script",
-        "program",
-    )
-
-    def __init__(self, inv: Invocation, is_script: bool) -> None:
-        self.inv = inv
-        self.is_script = is_script
-        self._paths: tuple[str, ...] | None = None
-        self.program = inv.program
-        self.args = inv.argv[1:]
-        self._joined: str | None = None
-        self._text: str | None = None
-        self._lower: str | None = None
-        self._writes: tuple[str, ...] | None = None
-
-    @property
-    def joined(self) -> str:
-        if self._joined is None:
-            self._joined = " ".join(self.inv.argv)
-        return self._joined
-
-    @property
-    def stdin_text(self) -> str:
-        return "\n".join(r.target for r in self.inv.redirects if r.op in _IN_TEXT_OPS)
-
-    @property
-    def text(self) -> str:
-        """argv, plus here-documents when the program runs them as a script (an
-        interpreter's stdin is code; ``cat``'s is only data being written)."""
-        if self._text is None:
-            stdin = self.stdin_text if self.is_script else ""
-            self._text = f"{self.joined}\n{stdin}" if stdin else self.joined
-        return self._text
-
-    @property
-    def lower(self) -> str:
-        if self._lower is None:
-            self._lower = self.text.lower()
-        return self._lower
-
-    def paths(self) -> tuple[str, ...]:
-        """Path-shaped substrings of the arguments and redirection targets."""
-        if self._paths is None:
-            words = [
-                *self.args,
-                *(r.target for r in self.inv.redirects if r.op not in _IN_TEXT_OPS),
-            ]
-            self._paths = tuple(p for w in words for p in path_candidates(w))
-        return self._paths
-
-    def write_targets(self, writers: dict[str, str] | object) -> tuple[str, ...]:
-        if self._writes is None:
-            out = [
-                r.target
-                for r in self.inv.redirects
-                if r.op in _OUT_OPS and r.target and not r.target.isdigit()
-            ]
-            mode = writers.get(self.program) if isinstance(writers, dict) else None
-            words = [a for a in self.args if not a.startswith("-")]
-            if mode == "all":
-                out.extend(words)
-            elif mode == "last" and words:
-                out.append(words[-1])
-            elif mode == "of=":
-                out.extend(a[3:] for a in self.args if a.startswith("of="))
-            elif mode == "-i" and any(a.startswith("-i") or a == "--in-place" for a in self.args):
-                has_script_flag = any(a in ("-e", "--expression", "-f") for a in self.args)
-                out.extend(words if has_script_flag else words[1:])
-            self._writes = tuple(out)
-        return self._writes
-
-
-def _rule_matches(
-    rule: CompiledRule, view: _View, pipeline_programs: frozenset[str], writers: dict[str, str]
-) -> str | None:
-    """None when the rule does not match; otherwise the matched path ('' if none)."""
-    inv = view.inv
-    if rule.wrappers and not (rule.wrappers & set(inv.wrappers)):
-        return None
-    if rule.background is not None and inv.background != rule.background:
-        return None
-    if rule.args is not None and not any(rule.args.search(a) for a in view.args):
-        return None
-    for pat in rule.args_all:
-        if not any(pat.search(a) for a in view.args):
-            return None
-    if rule.args_none is not None and any(rule.args_none.search(a) for a in view.args):
-        return None
-    if rule.argv is not None and not rule.argv.search(view.joined):
-        return None
-    if rule.redirect is not None and not any(
-        rule.redirect.search(f"{r.op} {r.target}") for r in inv.redirects
-    ):
-        return None
-    if rule.first_arg is not None or rule.last_arg is not None:
-        operands = [a for a in view.args if not a.startswith("-")]
-        if not operands:
-            return None
-        if rule.first_arg is not None and not rule.first_arg.search(operands[0]):
-            return None
-        if rule.last_arg is not None and not rule.last_arg.search(operands[-1]):
-            return None
-    if rule.piped_with and not any(
-        fnmatch.fnmatchcase(p, g)
-        for p in pipeline_programs - {view.program}
-        for g in rule.piped_with
-    ):
-        return None
-    if rule.text is not None:
-        if rule.keywords and not any(k in view.lower for k in rule.keywords):
-            return None
-        if not rule.text.search(view.text):
-            return None
-    if rule.path_regex is not None:
-        if rule.path_access == "write":
-            words: Iterable[str] = (
-                p for w in view.write_targets(writers) for p in path_candidates(w)
-            )
-        else:
-            words = view.paths()
-        for word in words:
-            m = rule.path_regex.match(word)
-            if m:
-                return m.group(0)
-        return None
-    return ""
-
-
-def _host_matches(p: HostPattern, host: str, port: int | None) -> bool:
-    if p.port is not None and port is not None and p.port != port:
-        return False
-    if p.network is not None:
-        try:
-            return ipaddress.ip_address(host) in p.network
-        except ValueError:
-            return False
-    return p.host is not None and fnmatch.fnmatchcase(host, p.host)
 
 
 class Gate:
@@ -224,9 +59,9 @@ class Gate:
             if self.commands.threats
             else base.without(r.id for r in base.rules)
         )
-        self.allow_net = spec.network.allow_patterns
-        self.deny_net = spec.network.deny_patterns
-        self.net_mode = spec.network.mode
+        self.network = NetworkRules(
+            spec.network, self.rules.metadata_hosts, self.rules.network_tools
+        )
         self.argv_rules = [(r, r.argv_pattern()) for r in self.commands.rules]
         hidden = [
             path_glob_regex(h.rstrip("/")) + "|" + path_glob_regex(h.rstrip("/") + "/*")
@@ -302,14 +137,14 @@ class Gate:
             if not words:
                 continue
             inv = Invocation(argv=words, program=words[0].rsplit("/", 1)[-1])
-            view = _View(inv, True)
+            view = InvocationView(inv, True)
             for rule in self.rules.for_program(inv.program):
-                if _rule_matches(rule, view, frozenset(), self._writers) is not None:
+                if rule_matches(rule, view, frozenset(), self._writers) is not None:
                     f = Finding(
                         Verdict.DENY,
                         rule.id,
                         rule.category,
-                        f"{why}; it also looks like this: {_fill(rule.reason, view, '')}",
+                        f"{why}; it also looks like this: {fill_reason(rule.reason, view, '')}",
                         rule.priority,
                     )
                     if best is None or f.key() > best.key():
@@ -363,7 +198,7 @@ class Gate:
         scripted = self._scripted.get(program)
         if scripted is None:
             scripted = self._scripted[program] = match_globs(program, self._script_globs)
-        view = _View(inv, scripted)
+        view = InvocationView(inv, scripted)
         plan = self._plans.get(program)
         if plan is None:
             plan = self._plan(program)
@@ -376,13 +211,13 @@ class Gate:
                     passed = screened[key] = self._screen(key, view)
                 if not passed:
                     continue
-            hit = _rule_matches(rule, view, peers, self._writers)
+            hit = rule_matches(rule, view, peers, self._writers)
             if hit is not None:
                 yield Finding(
                     rule.decision,
                     rule.id,
                     rule.category,
-                    _fill(rule.reason, view, hit),
+                    fill_reason(rule.reason, view, hit),
                     rule.priority,
                 )
         if self.hidden is not None:
@@ -407,7 +242,7 @@ class Gate:
         # Inline interpreter code that downloads is the threat rule ingress-script-download's
         # job: URLs inside code are too often just strings (urlsplit("http://x")).
         if program in self.rules.network_tools:
-            yield from self._judge_network(view)
+            yield from self.network.judge_invocation(view)
 
     def _plan(self, program: str) -> _Plan:
         """The rules that can apply to ``program``, with their screen keys (cached:
@@ -424,7 +259,7 @@ class Gate:
             self._plans[program] = plan
         return plan
 
-    def _screen(self, key: str, view: _View) -> bool:
+    def _screen(self, key: str, view: InvocationView) -> bool:
         regex = self._screens[key]
         if key == "keywords":
             return regex.search(view.lower) is not None
@@ -484,85 +319,3 @@ class Gate:
             None,
             f"{written} is not on the policy's allowlist (commands.allow); default is {c.default.value}",
         )
-
-    def _judge_network(self, view: _View) -> Iterator[Finding]:
-        inv = view.inv
-        tool = self.rules.network_tools[inv.program]
-        dests = netdest.from_argv(inv.program, view.args)
-        direction = tool.direction
-        if (
-            any(p.search(a) for p in tool.upload for a in view.args)
-            or any(r.op == "<" for r in inv.redirects)
-            or (inv.pipe_index or 0) > 0
-        ):
-            direction = Category.EXFILTRATION
-        elif any(
-            r.op in (">", ">>", "&>")
-            and r.target not in ("/dev/null", "")
-            and not r.target.isdigit()
-            for r in inv.redirects
-        ) or any(a in ("-o", "-O", "--output", "--output-document") for a in view.args):
-            direction = Category.INGRESS
-        for d in dests:
-            f = self._judge_destination(inv.program, d, direction)
-            if f is not None:
-                yield f
-
-    def _judge_destination(
-        self, program: str, d: netdest.Destination, direction: Category
-    ) -> Finding | None:
-        where = f"{d.host}:{d.port}" if d.port else d.host
-        if d.host in self.rules.metadata_hosts:
-            return Finding(
-                Verdict.DENY,
-                "net-metadata",
-                Category.CREDENTIAL_ACCESS,
-                f"{program} would reach the cloud metadata service ({where}), which hands out credentials",
-            )
-        cls = netdest.address_class(d.host)
-        if cls == "loopback":
-            return None
-        explicit = any(
-            _host_matches(p, d.host, d.port)
-            for p in self.allow_net
-            if p.network is not None or p.host == d.host
-        )
-        if cls in ("private", "link-local", "multicast", "unspecified") and not explicit:
-            return Finding(
-                Verdict.DENY,
-                "net-internal",
-                Category.RECON,
-                f"{program} would reach {where}, an internal ({cls}) address; only explicit IP rules allow that",
-            )
-        if any(_host_matches(p, d.host, d.port) for p in self.deny_net):
-            return Finding(
-                Verdict.DENY,
-                "net-deny-list",
-                direction,
-                f"{program} would reach {where}, which network.deny forbids",
-            )
-        if self.net_mode == "none":
-            return Finding(
-                Verdict.DENY,
-                "net-off",
-                direction,
-                f"{program} would reach {where}, but this policy has no network (network.mode: none)",
-            )
-        if any(_host_matches(p, d.host, d.port) for p in self.allow_net):
-            return None
-        return Finding(
-            Verdict.DENY,
-            "net-not-allowed",
-            direction,
-            f"{program} would reach {where}, which is not on the network allowlist (network.allow)",
-        )
-
-
-def _fill(template: str, view: _View, path: str) -> str:
-    inv = view.inv
-    return template.format(
-        program=inv.program or "the shell",
-        path=path or "a protected path",
-        wrapper=inv.wrappers[0] if inv.wrappers else "a wrapper",
-        arg1=view.args[0] if view.args else "",
-    )

@@ -12,6 +12,7 @@ parsed form an egress proxy needs.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import ipaddress
 import math
@@ -157,6 +158,18 @@ class HostPattern:
     host: str | None
     network: IPNetwork | None
     port: int | None
+
+    def matches(self, host: str, port: int | None) -> bool:
+        """Does ``host`` (a lower-case name or an IP literal) on ``port`` (None: any)
+        fall under this pattern?"""
+        if self.port is not None and port is not None and self.port != port:
+            return False
+        if self.network is not None:
+            try:
+                return ipaddress.ip_address(host) in self.network
+            except ValueError:
+                return False
+        return self.host is not None and fnmatch.fnmatchcase(host, self.host)
 
 
 @functools.lru_cache(maxsize=4096)
