@@ -125,21 +125,47 @@ def _time_batch(rows: list[str], policy: str, tmp: Path, name: str) -> tuple[flo
 
 
 def batch_throughput(benign: list[dict[str, Any]], policy: str) -> tuple[float, float, float]:
-    """Steady-state commands/s through the real CLI batch path (ledger writes included),
-    the fixed start-up cost of one `corral check --batch` (policy load, rule compile),
-    and the verify rate of the ledger written. The corpus is run once and three times:
-    the difference is steady-state work, so start-up cost does not dilute the rate."""
+    """Commands/s through the real CLI batch path with every decision written to a ledger.
+
+    One warm-up run, then three measured runs in this process (rules already compiled):
+    returns the best and the median rate, and the verify rate of the last ledger written.
+    The start-up cost of a fresh process is measured apart (``process_startup``)."""
     commands = [r["command"] for r in benign]
+    rates = []
     with tempfile.TemporaryDirectory() as tmp:
-        t1, _ = _time_batch(commands, policy, Path(tmp), "x1")
-        t3, ledger = _time_batch(commands * 3, policy, Path(tmp), "x3")
-        rate = 2 * len(commands) / (t3 - t1)
-        startup = max(0.0, t1 - len(commands) / rate)
+        _time_batch(commands, policy, Path(tmp), "warm")
+        for i in range(3):
+            elapsed, ledger = _time_batch(commands, policy, Path(tmp), f"run{i}")
+            rates.append(len(commands) / elapsed)
         t0 = time.perf_counter()
         report = verify_path(ledger)
         verify_rate = report.records / (time.perf_counter() - t0)
         assert report.ok, report
-    return rate, startup, verify_rate
+    return max(rates), statistics.median(rates), verify_rate
+
+
+def process_startup(policy: str, n: int = 5) -> float:
+    """Median wall time of one `corral check` process deciding one command."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "corral",
+                "check",
+                "--no-record",
+                "--policy",
+                policy,
+                "--",
+                "ls",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -220,11 +246,13 @@ def main() -> None:
             f"  parser bashlex (baseline): median {bl[0] * 1e6:.0f} µs/command, fails on {bl[1]}/{len(commands)} "
             f"({bl[1] / len(commands):.1%}); tree-sitter is {bl[0] / tsp50:.1f}× faster"
         )
-    rate, startup, verify_rate = batch_throughput(benign, args.policy)
+    best, median, verify_rate = batch_throughput(benign, args.policy)
+    startup = process_startup(args.policy)
     print(
-        f"  batch: {rate:,.0f} commands/s through `corral check --batch` with ledger writes"
-        f" (steady state; target ≥ 5,000/s), plus {startup * 1e3:.0f} ms start-up per process"
+        f"  batch: {best:,.0f} commands/s (best of 3; median {median:,.0f}) through"
+        " `corral check --batch` with ledger writes (target ≥ 5,000/s)"
     )
+    print(f"  start-up of one `corral check` process: {startup * 1e3:.0f} ms")
     print(f"  ledger verify: {verify_rate:,.0f} records/s")
 
     if args.json:
@@ -237,7 +265,9 @@ def main() -> None:
             "p50_ms": p50 * 1e3,
             "p99_ms": p99 * 1e3,
             "bare_exec_ms": bare * 1e3,
-            "batch_per_s": rate,
+            "batch_per_s": best,
+            "batch_per_s_median": median,
+            "startup_ms": startup * 1e3,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

