@@ -9,8 +9,8 @@ fact; ``to_dict`` gives the canonical JSON-able form the ledger hashes.
 from __future__ import annotations
 
 import enum
+import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,7 +76,9 @@ class Severity(enum.StrEnum):
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A random 128-bit id as 32 hex digits (the shape of ``uuid4().hex``, five times
+    cheaper to make: one is made per action, event and alert)."""
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 _WORDS = re.compile(r"[^\s|&;<>]+")
 
 
+# Per program: its threat rules grouped by screen key, and the policy's argv rules for it.
 _Plan = tuple[
-    tuple[tuple[CompiledRule, "str | None"], ...],
+    tuple[tuple["str | None", tuple[CompiledRule, ...]], ...],
     tuple[tuple["CommandRule", "re.Pattern[str] | None"], ...],
 ]
 
@@ -202,24 +203,21 @@ class Gate:
         plan = self._plans.get(program)
         if plan is None:
             plan = self._plan(program)
-        rules, argv_rules = plan
-        screened: dict[str, bool] = {}
-        for rule, key in rules:
-            if key is not None:
-                passed = screened.get(key)
-                if passed is None:
-                    passed = screened[key] = self._screen(key, view)
-                if not passed:
-                    continue
-            hit = rule_matches(rule, view, peers, self._writers)
-            if hit is not None:
-                yield Finding(
-                    rule.decision,
-                    rule.id,
-                    rule.category,
-                    fill_reason(rule.reason, view, hit),
-                    rule.priority,
-                )
+        groups, argv_rules = plan
+        for key, rules in groups:
+            # One screen decides for the whole group whether any of its rules can match.
+            if key is not None and not self._screen(key, view):
+                continue
+            for rule in rules:
+                hit = rule_matches(rule, view, peers, self._writers)
+                if hit is not None:
+                    yield Finding(
+                        rule.decision,
+                        rule.id,
+                        rule.category,
+                        fill_reason(rule.reason, view, hit),
+                        rule.priority,
+                    )
         if self.hidden is not None:
             for word in view.paths():
                 m = self.hidden.match(word)
@@ -247,8 +245,11 @@ class Gate:
     def _plan(self, program: str) -> _Plan:
         """The rules that can apply to ``program``, with their screen keys (cached:
         the same few programs recur in nearly every command)."""
+        grouped: dict[str | None, list[CompiledRule]] = {}
+        for r in self.rules.for_program(program):
+            grouped.setdefault(r.screen, []).append(r)
         plan: _Plan = (
-            tuple((r, r.screen) for r in self.rules.for_program(program)),
+            tuple((key, tuple(rules)) for key, rules in grouped.items()),
             tuple(
                 (r, p)
                 for r, p in self.argv_rules
