@@ -223,3 +223,8 @@ def test_garbage_input_never_raises() -> None:
     for text in ["", "\x00", "((((", "$(" * 50, "'" * 3, "a" * 100_000, "\\", "`"]:
         d = SWE.check(text)
         assert d.verdict in (Verdict.ALLOW, Verdict.ASK, Verdict.DENY)
+
+
+def test_reason_names_the_encoding_a_decoded_command_was_hidden_in() -> None:
+    d = SWE.check(f"echo {b64(SSH_TUNNEL)} | base64 -d | sh")
+    assert "base64" in d.reason and "203.0.113.7" in d.reason

@@ -175,9 +175,13 @@ def rule_matches(
 
 def fill_reason(template: str, view: InvocationView, path: str) -> str:
     inv = view.inv
-    return template.format(
+    reason = template.format(
         program=inv.program or "the shell",
         path=path or "a protected path",
         wrapper=inv.wrappers[0] if inv.wrappers else "a wrapper",
         arg1=view.args[0] if view.args else "",
     )
+    if inv.origin.startswith("decoded:"):
+        # Say where it came from: the agent (and the reviewer) only saw the encoded text.
+        return f"{reason} (hidden as {inv.origin.split(':', 1)[1]}-encoded text: {' '.join(inv.argv)[:80]})"
+    return reason
