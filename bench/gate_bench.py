@@ -238,6 +238,12 @@ def main() -> None:
     )
     print(f"  baseline: bare fork+exec of /bin/true, median {bare * 1e3:.3f} ms")
     print(f"  ratio: decision p50 = {p50 / bare:.3f}× a bare exec; p99 = {p99 / bare:.3f}×")
+    repeated = []
+    for _ in range(2000):
+        t0 = time.perf_counter()
+        policy.check("python -m pytest -q tests/")
+        repeated.append(time.perf_counter() - t0)
+    print(f"  a repeated command (decision cache): p50 {_pct(repeated, 0.5) * 1e6:.1f} µs")
     tsp50 = statistics.median(parse_times)
     print(f"  parser tree-sitter-bash: median {tsp50 * 1e6:.0f} µs/command")
     bl = bashlex_baseline(commands)

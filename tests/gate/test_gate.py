@@ -228,3 +228,11 @@ def test_garbage_input_never_raises() -> None:
 def test_reason_names_the_encoding_a_decoded_command_was_hidden_in() -> None:
     d = SWE.check(f"echo {b64(SSH_TUNNEL)} | base64 -d | sh")
     assert "base64" in d.reason and "203.0.113.7" in d.reason
+
+
+def test_repeated_commands_get_the_same_decision() -> None:
+    policy = Policy.load("swe")
+    first = [policy.check(c) for c in (SSH_TUNNEL, "ls", SSH_TUNNEL, "ls")]
+    assert first[0].verdict is first[2].verdict is Verdict.DENY
+    assert (first[0].rule, first[0].reason) == (first[2].rule, first[2].reason)
+    assert first[1].verdict is first[3].verdict is Verdict.ALLOW

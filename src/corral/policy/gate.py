@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from corral.policy.policy import Policy
 
 _WORDS = re.compile(r"[^\s|&;<>]+")
+_CACHE_ENTRIES = 4096
+_CACHE_TEXT = 512
 
 
 # Per program: its threat rules grouped by screen key, and the policy's argv rules for it.
@@ -75,12 +77,21 @@ class Gate:
         self._program_cache: dict[str, Finding | None] = {}
         self._script_globs = (*self.rules.interpreters, *self.rules.shells)
         self._scripted: dict[str, bool] = {}
+        self._decided: dict[str, Finding] = {}
 
     # -- public -------------------------------------------------------------------------
 
     def check(self, command: str, *, action: Action | None = None) -> Decision:
         start = time.perf_counter()
-        finding = self._judge_command(command)
+        # A decision is a pure function of the policy and the text, and rollouts repeat
+        # the same commands constantly; short texts only, so the cache stays small.
+        finding = self._decided.get(command) if len(command) <= _CACHE_TEXT else None
+        if finding is None:
+            finding = self._judge_command(command)
+            if len(command) <= _CACHE_TEXT:
+                if len(self._decided) >= _CACHE_ENTRIES:
+                    self._decided.clear()
+                self._decided[command] = finding
         return Decision(
             verdict=finding.verdict,
             rule=finding.rule,
