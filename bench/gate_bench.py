@@ -258,6 +258,10 @@ def main() -> None:
         f"  batch: {best:,.0f} commands/s (best of 3; median {median:,.0f}) through"
         " `corral check --batch` with ledger writes (target ≥ 5,000/s)"
     )
+    print(
+        f"  ratio: {best * bare:.1f} commands decided and recorded in the time of one bare"
+        " fork+exec of /bin/true"
+    )
     print(f"  start-up of one `corral check` process: {startup * 1e3:.0f} ms")
     print(f"  ledger verify: {verify_rate:,.0f} records/s")
 
