@@ -165,3 +165,21 @@ def test_bad_policy_one_message_with_file_line_key(home: Path, tmp_path: Path, c
     assert where in r.stderr and key in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_exec_exit_codes(home: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return corral(home, "exec", "--workspace", str(ws), *args)
+
+    assert run("--", "exit 3").returncode == 3
+    ok = run("--", "echo", "hello")
+    assert ok.returncode == 0 and ok.stdout == "hello\n"
+    denied = run("--policy", "swe", "--", SSH_TUNNEL)
+    assert (denied.returncode == 126 and "tunnel" in denied.stderr) or "forwarding" in denied.stderr
+    timed = run("--json", "--timeout", "1", "--", "sleep 20")
+    assert timed.returncode == 124 and json.loads(timed.stdout)["timed_out"] is True
+    blocked = run("--no-gate", "--", "echo x > /etc/corral-cli-test")
+    assert blocked.returncode != 0 and "Read-only" in blocked.stderr

@@ -63,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state(c)
     c.add_argument("command", nargs="*", help='the command, after "--"')
 
+    e = sub.add_parser("exec", help="run one command in a fresh sandbox")
+    e.add_argument(
+        "--policy", default="strict", help="preset name or policy file (default: strict)"
+    )
+    e.add_argument("--workspace", default=".", help="directory bound read-write (default: .)")
+    e.add_argument("--no-gate", action="store_true", help="skip the gate: test containment alone")
+    e.add_argument(
+        "--timeout", type=float, help="wall-time limit in seconds (default: the policy's)"
+    )
+    e.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    e.add_argument("--run-id", default=os.environ.get("CORRAL_RUN_ID"))
+    _add_state(e)
+    e.add_argument("command", nargs="+", help='the command, after "--" (one argument: run by bash)')
+
     p = sub.add_parser("policy", help="validate or show policies")
     psub = p.add_subparsers(dest="policy_cmd", required=True, parser_class=_Parser)
     pv = psub.add_parser(
@@ -327,6 +341,38 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FLAGGED
 
 
+def _cmd_exec(args: argparse.Namespace) -> int:
+    from corral.ledger import Ledger
+    from corral.sandbox import Sandbox
+
+    command: str | list[str] = args.command[0] if len(args.command) == 1 else list(args.command)
+    with (
+        Ledger.open(_ledger_path(args)) as ledger,
+        Sandbox(
+            args.policy, args.workspace, gate=not args.no_gate, ledger=ledger, run_id=args.run_id
+        ) as sb,
+    ):
+        r = sb.run(command, timeout=args.timeout)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "exit_code": r.exit_code,
+                    "stdout": r.stdout,
+                    "stderr": r.stderr,
+                    "duration_s": round(r.duration, 6),
+                    "timed_out": r.timed_out,
+                    "decision": r.decision.to_dict() if r.decision else None,
+                    "action_id": r.action_id,
+                }
+            )
+        )
+    else:
+        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stderr)
+    return r.exit_code
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from corral.demo import run_demo
 
@@ -338,6 +384,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _HANDLERS = {
     "check": _cmd_check,
+    "exec": _cmd_exec,
     "policy": _cmd_policy,
     "log": _cmd_log,
     "verify": _cmd_verify,

@@ -1,0 +1,129 @@
+"""The sandbox backend protocol and the records it exchanges.
+
+A backend turns a ``SandboxSpec`` (what the policy allows) into an isolated place to run
+commands. The bubblewrap backend is the real one; others (a remote host, a VM) plug in
+behind the same protocol, selected by name in ``get_backend``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from corral.errors import CorralError
+
+if TYPE_CHECKING:
+    from corral.policy import Policy
+
+# What a sandboxed program sees of the host's environment: nothing but these (API keys,
+# tokens and the host's proxy settings stay out).
+ENV_PASSTHROUGH = ("LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "TZ")
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SANDBOX_HOME = "/tmp/home"
+
+EXIT_TIMEOUT = 124
+
+
+class SandboxError(CorralError, RuntimeError):
+    """The sandbox could not be created or used (not: the command inside failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """Everything a backend needs to build one sandbox, resolved to absolute host paths."""
+
+    workspace: Path
+    hidden: tuple[Path, ...] = ()
+    read_only: tuple[Path, ...] = ()
+    writable: tuple[Path, ...] = ()
+    protected: tuple[Path, ...] = ()
+    tmp_size: int = 512 << 20
+    wall_time: float = 1800.0
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: Policy,
+        workspace: str | os.PathLike[str],
+        *,
+        host_env: Mapping[str, str] | None = None,
+    ) -> SandboxSpec:
+        host_env = os.environ if host_env is None else host_env
+        ws = Path(workspace).expanduser().resolve()
+        if not ws.is_dir():
+            raise SandboxError(f"workspace {ws} is not a directory")
+        fs = policy.spec.filesystem
+        home = host_env.get("HOME") or os.path.expanduser("~")
+
+        def host_path(p: str) -> Path:
+            if p == "~" or p.startswith("~/"):
+                p = home + p[1:]
+            return Path(p) if os.path.isabs(p) else ws / p
+
+        writable = tuple(host_path(p) for p in fs.writable)
+        protected = tuple(
+            ws / p for p in fs.protected if (ws / p) not in writable and not os.path.isabs(p)
+        )
+        env = {k: host_env[k] for k in ENV_PASSTHROUGH if k in host_env}
+        env.update({"PATH": SANDBOX_PATH, "HOME": SANDBOX_HOME, "TMPDIR": "/tmp"})
+        return cls(
+            workspace=ws,
+            hidden=tuple(host_path(p) for p in fs.hidden),
+            read_only=tuple(host_path(p) for p in fs.read_only),
+            writable=writable,
+            protected=protected,
+            tmp_size=policy.spec.resources.tmp_size,
+            wall_time=policy.spec.resources.wall_time,
+            env=env,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """What one command did inside a sandbox."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration_s: float
+    timed_out: bool = False
+
+
+class Backend(Protocol):
+    """Create, use and close sandboxes. Implementations must fail closed: a sandbox that
+    cannot be built as specified is an error, never a weaker sandbox."""
+
+    name: str
+
+    def create(self, spec: SandboxSpec) -> str:
+        """Make a sandbox; returns its id."""
+        ...
+
+    def exec(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> ExecResult: ...
+
+    def read_file(self, sandbox_id: str, path: str) -> bytes: ...
+
+    def write_file(self, sandbox_id: str, path: str, data: bytes) -> None: ...
+
+    def close(self, sandbox_id: str) -> None: ...
+
+
+def get_backend(name: str = "bwrap") -> Backend:
+    """A backend by name, imported only when asked for."""
+    if name == "bwrap":
+        from corral.sandbox.bwrap import BwrapBackend
+
+        return BwrapBackend()
+    raise SandboxError(f"unknown sandbox backend {name!r} (known: bwrap)")

@@ -1,0 +1,201 @@
+"""The bubblewrap backend: Linux namespaces with a read-only root.
+
+``bwrap_argv`` is a pure function from a spec to bubblewrap's command line, so what the
+sandbox allows can be read and tested without running anything. Order matters to
+bubblewrap: later mounts cover earlier ones, so the read-only root comes first, then the
+private /tmp, /dev, /proc, then the workspace, then what is hidden or protected on top.
+
+Every command runs under the seccomp filter of ``seccomp.py``. Not done yet: cgroups
+(memory, pids and CPU limits; only the wall-time limit applies), and persistent sessions
+(each ``exec`` starts a fresh bubblewrap, so state lives only in the workspace).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.model import new_id
+from corral.sandbox import files, seccomp
+from corral.sandbox.backend import EXIT_TIMEOUT, SANDBOX_HOME, ExecResult, SandboxError, SandboxSpec
+
+# Paths mounted empty and read-only: the host's runtime sockets (docker, containerd,
+# dbus, systemd) live under /run, and /sys would show the host's devices.
+_EMPTY_RO = ("/run", "/sys")
+
+
+def bwrap_argv(
+    spec: SandboxSpec, argv: Sequence[str], *, cwd: str | None = None, seccomp_fd: int | None = None
+) -> list[str]:
+    """bubblewrap's command line for running ``argv`` in a sandbox built from ``spec``."""
+    ws = str(spec.workspace)
+    args = [
+        "bwrap",
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-net",  # loopback only: the egress proxy will be the one way out
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--disable-userns",  # no nested user namespaces, so no nested mount tricks
+        "--hostname",
+        "corral",
+        "--die-with-parent",
+        "--new-session",  # no controlling terminal to push keystrokes into
+        "--cap-drop",
+        "ALL",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--size",
+        str(spec.tmp_size),
+        "--tmpfs",
+        "/tmp",
+        "--size",
+        str(spec.tmp_size),
+        "--tmpfs",
+        "/dev/shm",
+        "--dir",
+        SANDBOX_HOME,
+    ]
+    for path in _EMPTY_RO:
+        if os.path.isdir(path):
+            args += ["--tmpfs", path, "--remount-ro", path]
+    covered = [Path(p) for p in (*_EMPTY_RO, "/dev")]
+    for p in sorted(spec.hidden, key=lambda x: len(x.parts)):
+        # Already invisible under an emptied parent; mounting into it would fail.
+        if any(p.is_relative_to(c) for c in covered):
+            continue
+        hide = _hide(p)
+        if hide:
+            args += hide
+            covered.append(p)
+    for p in spec.read_only:
+        if p.exists():
+            args += ["--ro-bind", str(p), str(p)]
+    args += ["--bind", ws, ws]
+    for p in spec.writable:
+        if p.exists():
+            args += ["--bind", str(p), str(p)]
+    for p in spec.protected:
+        if p.exists() or p.is_symlink():
+            args += ["--ro-bind", str(p), str(p)]
+    args += ["--clearenv"]
+    for key, value in sorted(spec.env.items()):
+        args += ["--setenv", key, value]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
+    args += ["--chdir", cwd or ws, "--", *argv]
+    return args
+
+
+def _hide(p: Path) -> list[str]:
+    # Hiding a parent of the workspace (/root when the workspace lives there) still
+    # hides the rest of it: the workspace is bound back on top afterwards.
+    if p.is_symlink() or not p.exists():
+        return []
+    if p.is_dir():
+        return ["--tmpfs", str(p), "--remount-ro", str(p)]
+    return ["--ro-bind", "/dev/null", str(p)]
+
+
+@dataclass
+class _Box:
+    spec: SandboxSpec
+    created: float
+
+
+class BwrapBackend:
+    """Sandboxes made with bubblewrap. Each exec runs in its own bubblewrap for now."""
+
+    name = "bwrap"
+
+    def __init__(self, bwrap: str | None = None) -> None:
+        found = bwrap or shutil.which("bwrap")
+        if found is None:
+            raise SandboxError(
+                "bubblewrap (bwrap) is not installed; on Debian or Ubuntu: sudo apt-get install bubblewrap"
+            )
+        self.bwrap = found
+        self._boxes: dict[str, _Box] = {}
+
+    def create(self, spec: SandboxSpec) -> str:
+        sandbox_id = new_id()[:16]
+        self._boxes[sandbox_id] = _Box(spec, time.time())
+        return sandbox_id
+
+    def _box(self, sandbox_id: str) -> _Box:
+        try:
+            return self._boxes[sandbox_id]
+        except KeyError:
+            raise SandboxError(f"no open sandbox {sandbox_id}") from None
+
+    def exec(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> ExecResult:
+        box = self._box(sandbox_id)
+        filter_fd = seccomp.filter_fd()
+        cmd = bwrap_argv(box.spec, argv, cwd=cwd, seccomp_fd=filter_fd)
+        cmd[0] = self.bwrap
+        limit = box.spec.wall_time if timeout is None else timeout
+        start = time.perf_counter()
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                # Nothing but stdio crosses into the sandbox; the filter's descriptor is
+                # read and closed by bubblewrap before the command starts.
+                close_fds=True,
+                pass_fds=(filter_fd,),
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin"},
+            )
+        finally:
+            os.close(filter_fd)
+        timed_out = False
+        try:
+            out, err = proc.communicate(stdin, timeout=limit)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            # bwrap is the session leader; killing its group takes the sandbox's pid 1
+            # with it, and a pid namespace dies with its pid 1.
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        duration = time.perf_counter() - start
+        code = EXIT_TIMEOUT if timed_out else proc.returncode
+        if code < 0:
+            code = 128 - code
+        return ExecResult(
+            code,
+            out.decode("utf-8", "replace"),
+            err.decode("utf-8", "replace"),
+            duration,
+            timed_out,
+        )
+
+    def read_file(self, sandbox_id: str, path: str) -> bytes:
+        return files.read_file(self._box(sandbox_id).spec.workspace, path)
+
+    def write_file(self, sandbox_id: str, path: str, data: bytes) -> None:
+        files.write_file(self._box(sandbox_id).spec.workspace, path, data)
+
+    def close(self, sandbox_id: str) -> None:
+        self._boxes.pop(sandbox_id, None)

@@ -1,0 +1,71 @@
+"""bubblewrap's command line, read as a list of guarantees (no sandbox is started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from corral.policy import Policy
+from corral.sandbox.backend import SandboxSpec
+from corral.sandbox.bwrap import bwrap_argv
+
+
+def _argv(tmp_path: Path, **policy: object) -> list[str]:
+    ws = tmp_path / "ws"
+    (ws / ".git" / "hooks").mkdir(parents=True, exist_ok=True)
+    spec = SandboxSpec.from_policy(
+        Policy.from_dict({"version": 1, **policy}),
+        ws,
+        host_env={"HOME": str(tmp_path), "OPENAI_API_KEY": "k"},
+    )
+    return bwrap_argv(spec, ["true"], seccomp_fd=9)
+
+
+def test_every_namespace_is_unshared_and_privileges_dropped(tmp_path: Path) -> None:
+    a = _argv(tmp_path)
+    for flag in (
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+    ):
+        assert flag in a
+    assert a[a.index("--cap-drop") + 1] == "ALL"
+    assert "--share-net" not in a
+    assert a[a.index("--seccomp") + 1] == "9"
+
+
+def test_root_is_read_only_and_the_workspace_is_bound_after_it(tmp_path: Path) -> None:
+    a = _argv(tmp_path)
+    ws = str((tmp_path / "ws").resolve())
+    assert a[a.index("--ro-bind") : a.index("--ro-bind") + 3] == ["--ro-bind", "/", "/"]
+    assert a.index("--bind") > a.index("--ro-bind")
+    assert a[a.index("--bind") + 1 : a.index("--bind") + 3] == [ws, ws]
+
+
+def test_git_hooks_are_bound_read_only_over_the_workspace(tmp_path: Path) -> None:
+    a = _argv(tmp_path)
+    hooks = str((tmp_path / "ws" / ".git" / "hooks").resolve())
+    i = max(i for i, x in enumerate(a) if x == hooks)
+    assert a[i - 2] == "--ro-bind" and i > a.index("--bind")
+
+
+def test_hidden_home_directories_are_covered(tmp_path: Path) -> None:
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".netrc").write_text("machine x")
+    a = _argv(tmp_path, filesystem={"hidden": ["~/.ssh", "~/.netrc"]})
+    ssh = str(tmp_path / ".ssh")
+    assert a[a.index(ssh) - 1] == "--tmpfs"
+    netrc = str(tmp_path / ".netrc")
+    assert a[a.index(netrc) - 2 : a.index(netrc)] == ["--ro-bind", "/dev/null"]
+
+
+def test_environment_is_an_allowlist(tmp_path: Path) -> None:
+    a = _argv(tmp_path)
+    keys = [a[i + 1] for i, x in enumerate(a) if x == "--setenv"]
+    assert "OPENAI_API_KEY" not in keys
+    assert {"PATH", "HOME", "TMPDIR"} <= set(keys)
