@@ -42,6 +42,9 @@ class SandboxSpec:
     protected: tuple[Path, ...] = ()
     tmp_size: int = 512 << 20
     wall_time: float = 1800.0
+    memory: int = 4 << 30
+    pids: int = 512
+    cpus: float = 2.0
     env: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -78,6 +81,9 @@ class SandboxSpec:
             protected=protected,
             tmp_size=policy.spec.resources.tmp_size,
             wall_time=policy.spec.resources.wall_time,
+            memory=policy.spec.resources.memory,
+            pids=policy.spec.resources.pids,
+            cpus=policy.spec.resources.cpus,
             env=env,
         )
 
@@ -91,6 +97,10 @@ class ExecResult:
     stderr: str
     duration_s: float
     timed_out: bool = False
+    cpu_s: float | None = None  # CPU time of everything the command ran (cgroup)
+    peak_memory: int | None = None  # the sandbox's peak memory so far (cgroup)
+    oom_killed: bool = False
+    pids_limited: bool = False
 
 
 class Backend(Protocol):

@@ -5,25 +5,27 @@ sandbox allows can be read and tested without running anything. Order matters to
 bubblewrap: later mounts cover earlier ones, so the read-only root comes first, then the
 private /tmp, /dev, /proc, then the workspace, then what is hidden or protected on top.
 
-Every command runs under the seccomp filter of ``seccomp.py``. Not done yet: cgroups
-(memory, pids and CPU limits; only the wall-time limit applies), and persistent sessions
-(each ``exec`` starts a fresh bubblewrap, so state lives only in the workspace).
+Every command runs under the seccomp filter of ``seccomp.py`` and in the sandbox's cgroup
+(``cgroups.py``; rlimits when none can be made). Not done yet: persistent sessions (each
+``exec`` starts a fresh bubblewrap, so state lives only in the workspace).
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.model import new_id
 from corral.sandbox import files, seccomp
 from corral.sandbox.backend import EXIT_TIMEOUT, SANDBOX_HOME, ExecResult, SandboxError, SandboxSpec
+from corral.sandbox.cgroups import Cgroup, Limits
 
 # Paths mounted empty and read-only: the host's runtime sockets (docker, containerd,
 # dbus, systemd) live under /run, and /sys would show the host's devices.
@@ -113,6 +115,18 @@ def _hide(p: Path) -> list[str]:
 class _Box:
     spec: SandboxSpec
     created: float
+    cgroup: Cgroup | None
+
+
+def _rlimits(spec: SandboxSpec) -> Callable[[], None]:
+    """Fallback when no cgroup can be made: per-process limits, weaker (RLIMIT_NPROC
+    counts the user's processes, not the sandbox's; root ignores it)."""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (spec.memory, spec.memory))
+        resource.setrlimit(resource.RLIMIT_NPROC, (spec.pids, spec.pids))
+
+    return apply
 
 
 class BwrapBackend:
@@ -131,8 +145,15 @@ class BwrapBackend:
 
     def create(self, spec: SandboxSpec) -> str:
         sandbox_id = new_id()[:16]
-        self._boxes[sandbox_id] = _Box(spec, time.time())
+        cgroup = Cgroup.create(sandbox_id, Limits(spec.memory, spec.pids, spec.cpus))
+        self._boxes[sandbox_id] = _Box(spec, time.time(), cgroup)
         return sandbox_id
+
+    def limits(self, sandbox_id: str) -> str:
+        """How this sandbox's resources are limited: ``cgroup-v1``, ``cgroup-v2`` or
+        ``rlimit`` (no cgroup could be made; weaker)."""
+        cg = self._box(sandbox_id).cgroup
+        return f"cgroup-{cg.version}" if cg else "rlimit"
 
     def _box(self, sandbox_id: str) -> _Box:
         try:
@@ -154,6 +175,8 @@ class BwrapBackend:
         cmd = bwrap_argv(box.spec, argv, cwd=cwd, seccomp_fd=filter_fd)
         cmd[0] = self.bwrap
         limit = box.spec.wall_time if timeout is None else timeout
+        cg = box.cgroup
+        before = cg.usage() if cg else None
         start = time.perf_counter()
         try:
             proc = subprocess.Popen(
@@ -166,6 +189,8 @@ class BwrapBackend:
                 close_fds=True,
                 pass_fds=(filter_fd,),
                 start_new_session=True,
+                # In the cgroup before bubblewrap runs, so nothing it forks starts outside.
+                preexec_fn=cg.enter if cg else _rlimits(box.spec),
                 env={"PATH": "/usr/bin:/bin"},
             )
         finally:
@@ -183,12 +208,32 @@ class BwrapBackend:
         code = EXIT_TIMEOUT if timed_out else proc.returncode
         if code < 0:
             code = 128 - code
+        stderr = err.decode("utf-8", "replace")
+        cpu = peak = None
+        oom = pids_hit = False
+        if cg and before:
+            after = cg.usage()
+            if after.cpu_seconds is not None and before.cpu_seconds is not None:
+                cpu = after.cpu_seconds - before.cpu_seconds
+            peak = after.peak_memory
+            oom = after.oom_kills > before.oom_kills
+            pids_hit = after.pids_limited > before.pids_limited
+            if oom:
+                stderr += (
+                    f"corral: a process was killed: out of memory (limit {box.spec.memory} bytes)\n"
+                )
+            if pids_hit:
+                stderr += f"corral: the process limit ({box.spec.pids}) was reached\n"
         return ExecResult(
             code,
             out.decode("utf-8", "replace"),
-            err.decode("utf-8", "replace"),
+            stderr,
             duration,
             timed_out,
+            cpu,
+            peak,
+            oom,
+            pids_hit,
         )
 
     def read_file(self, sandbox_id: str, path: str) -> bytes:
@@ -198,4 +243,6 @@ class BwrapBackend:
         files.write_file(self._box(sandbox_id).spec.workspace, path, data)
 
     def close(self, sandbox_id: str) -> None:
-        self._boxes.pop(sandbox_id, None)
+        box = self._boxes.pop(sandbox_id, None)
+        if box is not None and box.cgroup is not None:
+            box.cgroup.remove()

@@ -1,0 +1,226 @@
+"""One cgroup per sandbox: memory, pids and CPU limits, usage figures, and a clean kill.
+
+Both hierarchies are supported:
+- v2 (unified, what current clusters run): one directory with ``memory.max``,
+  ``pids.max``, ``cpu.max``; ``cgroup.kill`` ends every process at once. Sandboxes are
+  made under the cgroup corral itself runs in, so a delegated subtree (systemd
+  ``Delegate=yes``, or a user session) works without root. v2 forbids processes in a
+  cgroup whose controllers are delegated to children, so corral first moves itself
+  into a ``corral-host`` leaf.
+- v1 (one hierarchy per controller, what the development machine has): a directory in
+  each of ``memory``, ``pids`` and ``cpu,cpuacct`` under corral's own cgroup there.
+
+The sandbox's processes are placed in the cgroup by the launcher before bubblewrap is
+exec'd, so nothing it forks can start outside. Memory written to the sandbox's /tmp and
+/dev/shm (tmpfs) is charged to the cgroup of the process that writes it, so it counts
+against the same limit. When no cgroup can be made, ``create`` returns None and the
+caller says so (``corral doctor`` reports it); nothing pretends to limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    memory: int  # bytes
+    pids: int
+    cpus: float
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    peak_memory: int | None
+    cpu_seconds: float | None
+    oom_kills: int
+    pids_limited: int
+
+
+def detect(root: Path = CGROUP_ROOT) -> str | None:
+    """``"v2"``, ``"v1"``, or None when no usable hierarchy is mounted."""
+    if (root / "cgroup.controllers").exists():
+        return "v2"
+    if (root / "memory" / "tasks").exists():
+        return "v1"
+    return None
+
+
+def _own_path(controller: str | None, proc_self: Path = Path("/proc/self/cgroup")) -> str:
+    """This process's cgroup path in one hierarchy (``""`` for v2's unified one)."""
+    for line in proc_self.read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if (controller is None and names == "") or (
+            controller is not None and controller in names.split(",")
+        ):
+            return path
+    return "/"
+
+
+@dataclass
+class Cgroup:
+    """The cgroup (v2) or cgroups (v1) of one sandbox."""
+
+    version: str
+    dirs: list[Path]
+    limits: Limits
+    procs_files: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, name: str, limits: Limits, root: Path = CGROUP_ROOT) -> Cgroup | None:
+        version = detect(root)
+        try:
+            if version == "v2":
+                return cls._create_v2(name, limits, root)
+            if version == "v1":
+                return cls._create_v1(name, limits, root)
+        except OSError:
+            return None
+        return None
+
+    @classmethod
+    def _create_v2(cls, name: str, limits: Limits, root: Path) -> Cgroup:
+        base = root / _own_path(None).lstrip("/")
+        enabled = set((base / "cgroup.subtree_control").read_text().split())
+        wanted = {"memory", "pids", "cpu"}
+        if not wanted <= enabled:
+            # A cgroup with delegated controllers may hold no processes: move ourselves
+            # (only ourselves) into a leaf first, then hand the controllers down.
+            leaf = base / "corral-host"
+            leaf.mkdir(exist_ok=True)
+            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+            (base / "cgroup.subtree_control").write_text(
+                " ".join(f"+{c}" for c in sorted(wanted - enabled))
+            )
+        d = base / f"corral-{name}"
+        d.mkdir()
+        cg = cls("v2", [d], limits, [d / "cgroup.procs"])
+        _write(d / "memory.max", limits.memory)
+        _write(d / "memory.swap.max", 0, missing_ok=True)
+        _write(d / "pids.max", limits.pids)
+        _write(d / "cpu.max", f"{int(limits.cpus * 100_000)} 100000")
+        return cg
+
+    @classmethod
+    def _create_v1(cls, name: str, limits: Limits, root: Path) -> Cgroup:
+        dirs: list[Path] = []
+        try:
+            for controller in _V1_CONTROLLERS:
+                # cpu and cpuacct are often mounted together (cpu -> cpu,cpuacct).
+                mount = (root / controller).resolve()
+                d = mount / _own_path(controller).lstrip("/") / f"corral-{name}"
+                if d in dirs:
+                    continue
+                d.mkdir()
+                dirs.append(d)
+            mem, pids, cpu = dirs[:3]
+            _write(mem / "memory.limit_in_bytes", limits.memory)
+            # Swap counts too where the kernel accounts it, so a bomb cannot page out.
+            _write(mem / "memory.memsw.limit_in_bytes", limits.memory, missing_ok=True)
+            _write(pids / "pids.max", limits.pids)
+            _write(cpu / "cpu.cfs_period_us", 100_000)
+            _write(cpu / "cpu.cfs_quota_us", int(limits.cpus * 100_000))
+        except OSError:
+            for d in dirs:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
+        return cls("v1", dirs, limits, [d / "cgroup.procs" for d in dirs])
+
+    def enter(self) -> None:
+        """Move the calling process in: run in the launcher's child before exec."""
+        pid = str(os.getpid())
+        for f in self.procs_files:
+            with open(f, "w") as fh:
+                fh.write(pid)
+
+    def pids(self) -> list[int]:
+        out: set[int] = set()
+        for f in self.procs_files:
+            with contextlib.suppress(OSError):
+                out.update(int(x) for x in f.read_text().split())
+        return sorted(out)
+
+    def usage(self) -> Usage:
+        if self.version == "v2":
+            d = self.dirs[0]
+            events = _kv(d / "memory.events")
+            peak = _int(d / "memory.peak")
+            cpu = _kv(d / "cpu.stat").get("usage_usec")
+            pids_events = _kv(d / "pids.events")
+            return Usage(
+                peak,
+                cpu / 1e6 if cpu is not None else None,
+                events.get("oom_kill", 0),
+                pids_events.get("max", 0),
+            )
+        mem, pids = self.dirs[:2]
+        oom = _kv(mem / "memory.oom_control").get("oom_kill", 0)
+        cpu_ns = next(
+            (v for d in self.dirs[2:] if (v := _int(d / "cpuacct.usage")) is not None), None
+        )
+        return Usage(
+            _int(mem / "memory.max_usage_in_bytes"),
+            cpu_ns / 1e9 if cpu_ns is not None else None,
+            oom,
+            _kv(pids / "pids.events").get("max", 0),
+        )
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process in the cgroup, daemonised ones included, and wait."""
+        kill_file = self.dirs[0] / "cgroup.kill"
+        if self.version == "v2" and kill_file.exists():
+            with contextlib.suppress(OSError):
+                kill_file.write_text("1")
+        deadline = time.monotonic() + timeout
+        while (pids := self.pids()) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    def remove(self) -> None:
+        self.kill_all()
+        for d in self.dirs:
+            for _ in range(100):  # the kernel frees a cgroup a moment after its last task
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+def _write(path: Path, value: object, *, missing_ok: bool = False) -> None:
+    try:
+        with open(path, "w") as fh:
+            fh.write(str(value))
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def _int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kv(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                out[parts[0]] = int(parts[1])
+    return out

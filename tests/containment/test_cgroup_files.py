@@ -1,0 +1,63 @@
+"""cgroup v2 bookkeeping against a directory laid out like cgroupfs.
+
+This machine runs cgroup v1 (tested for real in test_resources.py); v2 cannot be mounted
+beside it with the controllers it needs, so the v2 path's file protocol is checked here
+on a plain directory. What the kernel does with those files is not simulated."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from corral.sandbox import cgroups
+from corral.sandbox.cgroups import Cgroup, Limits
+
+
+def _fake_v2(tmp_path: Path) -> Path:
+    root = tmp_path / "cgroup"
+    own = root / cgroups._own_path(None).lstrip("/")
+    own.mkdir(parents=True, exist_ok=True)
+    (root / "cgroup.controllers").write_text("cpu memory pids io\n")
+    (own / "cgroup.subtree_control").write_text("")
+    return root
+
+
+def test_detects_v2_and_v1(tmp_path: Path) -> None:
+    assert cgroups.detect(_fake_v2(tmp_path)) == "v2"
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "tasks").write_text("")
+    assert cgroups.detect(v1) == "v1"
+    assert cgroups.detect(tmp_path / "none") is None
+
+
+def test_v2_sandbox_cgroup_gets_limits_and_the_host_moves_to_a_leaf(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path)
+    cg = Cgroup.create("abc", Limits(memory=256 << 20, pids=64, cpus=1.5), root=root)
+    assert cg is not None and cg.version == "v2"
+    own = root / cgroups._own_path(None).lstrip("/")
+    d = own / "corral-abc"
+    assert (d / "memory.max").read_text() == str(256 << 20)
+    assert (d / "pids.max").read_text() == "64"
+    assert (d / "cpu.max").read_text() == "150000 100000"
+    # Controllers handed down only after corral itself left the parent for a leaf.
+    assert (own / "corral-host" / "cgroup.procs").read_text() == str(os.getpid())
+    assert set((own / "cgroup.subtree_control").read_text().split()) == {"+cpu", "+memory", "+pids"}
+    assert cg.procs_files == [d / "cgroup.procs"]
+
+
+def test_v2_usage_reads_events_and_stats(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path)
+    cg = Cgroup.create("u", Limits(1 << 30, 10, 1.0), root=root)
+    assert cg is not None
+    d = cg.dirs[0]
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (d / "memory.peak").write_text("1234\n")
+    (d / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\n")
+    (d / "pids.events").write_text("max 7\n")
+    u = cg.usage()
+    assert (u.peak_memory, u.cpu_seconds, u.oom_kills, u.pids_limited) == (1234, 2.5, 1, 7)
+
+
+def test_no_cgroup_hierarchy_means_none_not_a_pretend_limit(tmp_path: Path) -> None:
+    assert Cgroup.create("x", Limits(1 << 30, 10, 1.0), root=tmp_path / "missing") is None
