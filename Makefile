@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 EVAL   ?= ../shared/eval
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup system demo test test-fast bench lint format clean
+.PHONY: setup system demo test bench lint format clean
 
 setup: system $(STAMP)
 

@@ -183,3 +183,29 @@ def test_exec_exit_codes(home: Path, tmp_path: Path) -> None:
     assert timed.returncode == 124 and json.loads(timed.stdout)["timed_out"] is True
     blocked = run("--no-gate", "--", "echo x > /etc/corral-cli-test")
     assert blocked.returncode != 0 and "Read-only" in blocked.stderr
+
+
+def test_run_streams_the_agent_and_returns_its_exit_code(home: Path, tmp_path: Path) -> None:
+    r = corral(home, "run", "--workspace", str(tmp_path), "--", "echo agent-output; exit 5")
+    assert r.returncode == 5 and r.stdout == "agent-output\n"
+    denied = corral(home, "run", "--policy", "swe", "--workspace", str(tmp_path), "--", SSH_TUNNEL)
+    assert denied.returncode == 126 and "forwarding" in denied.stderr
+
+
+def test_doctor_reports_each_layer(home: Path) -> None:
+    r = corral(home, "doctor", "--json")
+    layers = {c["layer"]: c for c in json.loads(r.stdout)}
+    assert {
+        "bubblewrap",
+        "user namespaces",
+        "seccomp",
+        "cgroups",
+        "gpus",
+        "ledger",
+        "network",
+    } <= set(layers)
+    # make test installs bubblewrap and libseccomp: the essential layers must be active.
+    assert (
+        layers["bubblewrap"]["ok"] and layers["user namespaces"]["ok"] and layers["seccomp"]["ok"]
+    )
+    assert r.returncode == 0

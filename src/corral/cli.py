@@ -77,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state(e)
     e.add_argument("command", nargs="+", help='the command, after "--" (one argument: run by bash)')
 
+    rn = sub.add_parser("run", help="run a whole agent process, contained for its lifetime")
+    rn.add_argument(
+        "--policy", default="strict", help="preset name or policy file (default: strict)"
+    )
+    rn.add_argument("--workspace", default=".", help="directory bound read-write (default: .)")
+    rn.add_argument(
+        "--no-gate", action="store_true", help="do not check the agent's launch command"
+    )
+    rn.add_argument("--run-id", default=os.environ.get("CORRAL_RUN_ID"))
+    _add_state(rn)
+    rn.add_argument("command", nargs="+", help='the agent command, after "--"')
+
+    dr = sub.add_parser("doctor", help="which isolation layers are active here, and why not others")
+    dr.add_argument("--json", action="store_true")
+
     p = sub.add_parser("policy", help="validate or show policies")
     psub = p.add_subparsers(dest="policy_cmd", required=True, parser_class=_Parser)
     pv = psub.add_parser(
@@ -373,6 +388,37 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     return r.exit_code
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from corral.ledger import Ledger
+    from corral.sandbox import Sandbox
+
+    command: str | list[str] = args.command[0] if len(args.command) == 1 else list(args.command)
+    with (
+        Ledger.open(_ledger_path(args)) as ledger,
+        Sandbox(
+            args.policy, args.workspace, gate=not args.no_gate, ledger=ledger, run_id=args.run_id
+        ) as sb,
+    ):
+        # The agent's own stdio; its lifetime is bounded by the policy's wall time.
+        r = sb.run(command, stream=True)
+    if r.stderr:
+        sys.stderr.write(r.stderr)
+    return r.exit_code
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from corral.doctor import as_dicts, run_checks
+
+    checks = run_checks()
+    if args.json:
+        print(json.dumps(as_dicts(checks), indent=2))
+    else:
+        for c in checks:
+            mark = "ok  " if c.ok else ("FAIL" if c.essential else "off ")
+            print(f"{mark}  {c.layer:<16} {c.detail}")
+    return EXIT_OK if all(c.ok for c in checks if c.essential) else EXIT_FLAGGED
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from corral.demo import run_demo
 
@@ -389,6 +435,8 @@ _HANDLERS = {
     "log": _cmd_log,
     "verify": _cmd_verify,
     "demo": _cmd_demo,
+    "doctor": _cmd_doctor,
+    "run": _cmd_run,
 }
 
 if __name__ == "__main__":

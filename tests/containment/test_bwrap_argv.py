@@ -69,3 +69,34 @@ def test_environment_is_an_allowlist(tmp_path: Path) -> None:
     keys = [a[i + 1] for i, x in enumerate(a) if x == "--setenv"]
     assert "OPENAI_API_KEY" not in keys
     assert {"PATH", "HOME", "TMPDIR"} <= set(keys)
+
+
+def _fake_dev(tmp_path: Path, gpus: int) -> Path:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in [f"nvidia{i}" for i in range(gpus)] + ["nvidiactl", "nvidia-uvm"]:
+        (dev / name).write_text("")
+    return dev
+
+
+def test_no_gpu_unless_granted(tmp_path: Path) -> None:
+    dev = _fake_dev(tmp_path, 4)
+    spec = SandboxSpec(workspace=tmp_path, gpus=0)
+    a = bwrap_argv(spec, ["true"], dev=dev)
+    assert not any("nvidia" in x for x in a)
+    assert "CUDA_VISIBLE_DEVICES" not in a
+
+
+def test_a_gpu_grant_binds_only_those_devices_and_sets_cuda_visible(tmp_path: Path) -> None:
+    dev = _fake_dev(tmp_path, 4)
+    a = bwrap_argv(SandboxSpec(workspace=tmp_path, gpus=2), ["true"], dev=dev)
+    bound = [a[i + 2] for i, x in enumerate(a) if x == "--dev-bind"]
+    assert bound == ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    i = a.index("CUDA_VISIBLE_DEVICES")
+    assert a[i - 1] == "--setenv" and a[i + 1] == "0,1"
+
+
+def test_a_gpu_grant_on_a_machine_without_gpus_is_a_no_op(tmp_path: Path) -> None:
+    dev = _fake_dev(tmp_path, 0)
+    a = bwrap_argv(SandboxSpec(workspace=tmp_path, gpus=1), ["true"], dev=dev)
+    assert "--dev-bind" not in a

@@ -45,6 +45,7 @@ class SandboxSpec:
     memory: int = 4 << 30
     pids: int = 512
     cpus: float = 2.0
+    gpus: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -84,6 +85,7 @@ class SandboxSpec:
             memory=policy.spec.resources.memory,
             pids=policy.spec.resources.pids,
             cpus=policy.spec.resources.cpus,
+            gpus=policy.spec.resources.gpus,
             env=env,
         )
 
@@ -121,6 +123,7 @@ class Backend(Protocol):
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | None = None,
+        stream: bool = False,
     ) -> ExecResult: ...
 
     def read_file(self, sandbox_id: str, path: str) -> bytes: ...

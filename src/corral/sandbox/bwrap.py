@@ -32,8 +32,36 @@ from corral.sandbox.cgroups import Cgroup, Limits
 _EMPTY_RO = ("/run", "/sys")
 
 
+# Device nodes every NVIDIA GPU process needs besides its own /dev/nvidiaN.
+_NVIDIA_CONTROL = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
+
+
+def gpu_binds(count: int, dev: Path = Path("/dev")) -> tuple[list[str], dict[str, str]]:
+    """bubblewrap arguments and environment that grant the first ``count`` GPUs.
+
+    Nothing is granted by default: the sandbox's /dev is minimal and has no GPU node. A
+    grant binds only the granted ``/dev/nvidiaN`` plus the control nodes, and sets
+    ``CUDA_VISIBLE_DEVICES`` to match; on a machine without GPUs it grants nothing."""
+    if count <= 0:
+        return [], {}
+    granted = [i for i in range(count) if (dev / f"nvidia{i}").exists()]
+    if not granted:
+        return [], {}
+    args: list[str] = []
+    for name in (*(f"nvidia{i}" for i in granted), *_NVIDIA_CONTROL):
+        node = dev / name
+        if node.exists():
+            args += ["--dev-bind", str(node), f"/dev/{name}"]
+    return args, {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(len(granted)))}
+
+
 def bwrap_argv(
-    spec: SandboxSpec, argv: Sequence[str], *, cwd: str | None = None, seccomp_fd: int | None = None
+    spec: SandboxSpec,
+    argv: Sequence[str],
+    *,
+    cwd: str | None = None,
+    seccomp_fd: int | None = None,
+    dev: Path = Path("/dev"),
 ) -> list[str]:
     """bubblewrap's command line for running ``argv`` in a sandbox built from ``spec``."""
     ws = str(spec.workspace)
@@ -92,8 +120,10 @@ def bwrap_argv(
     for p in spec.protected:
         if p.exists() or p.is_symlink():
             args += ["--ro-bind", str(p), str(p)]
+    gpu_args, gpu_env = gpu_binds(spec.gpus, dev)
+    args += gpu_args
     args += ["--clearenv"]
-    for key, value in sorted(spec.env.items()):
+    for key, value in sorted({**spec.env, **gpu_env}.items()):
         args += ["--setenv", key, value]
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
@@ -169,6 +199,7 @@ class BwrapBackend:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: bytes | None = None,
+        stream: bool = False,
     ) -> ExecResult:
         box = self._box(sandbox_id)
         filter_fd = seccomp.filter_fd()
@@ -181,9 +212,14 @@ class BwrapBackend:
         try:
             proc = subprocess.Popen(
                 cmd,
-                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                # stream: the caller's stdio (a whole agent, `corral run`); else captured.
+                stdin=None
+                if stream
+                else subprocess.PIPE
+                if stdin is not None
+                else subprocess.DEVNULL,
+                stdout=None if stream else subprocess.PIPE,
+                stderr=None if stream else subprocess.PIPE,
                 # Nothing but stdio crosses into the sandbox; the filter's descriptor is
                 # read and closed by bubblewrap before the command starts.
                 close_fds=True,
@@ -197,13 +233,14 @@ class BwrapBackend:
             os.close(filter_fd)
         timed_out = False
         try:
-            out, err = proc.communicate(stdin, timeout=limit)
+            out, err = proc.communicate(None if stream else stdin, timeout=limit)
         except subprocess.TimeoutExpired:
             timed_out = True
             # bwrap is the session leader; killing its group takes the sandbox's pid 1
             # with it, and a pid namespace dies with its pid 1.
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
+        out, err = out or b"", err or b""
         duration = time.perf_counter() - start
         code = EXIT_TIMEOUT if timed_out else proc.returncode
         if code < 0:

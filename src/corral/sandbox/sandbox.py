@@ -92,6 +92,7 @@ class Sandbox:
         timeout: float | None = None,
         step: int | None = None,
         episode: int | None = None,
+        stream: bool = False,
     ) -> Result:
         """Run a shell command string (through bash) or an argv list."""
         self._step += 1
@@ -120,7 +121,7 @@ class Sandbox:
                     decision,
                     action_id=action.id,
                 )
-        r = self.backend.exec(self.id, argv, timeout=timeout)
+        r = self.backend.exec(self.id, argv, timeout=timeout, stream=stream)
         self._record_exec(action, argv, r)
         return Result(
             r.exit_code, r.stdout, r.stderr, decision, (), r.duration_s, r.timed_out, action.id
