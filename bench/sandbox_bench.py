@@ -6,7 +6,10 @@ Prints the median wall time of
 - a cold sandboxed command: `corral.Sandbox` create + exec `/bin/true` + close (gate off,
   in-memory ledger), against bare `bwrap --unshare-all --ro-bind / / /bin/true`;
 - the same through the gate (policy strict), to show the gate's share;
-- a bare fork+exec of `/bin/true`, the floor for any command.
+- a bare fork+exec of `/bin/true`, the floor for any command;
+- a warm command: `/bin/true` in an open sandbox's persistent shell, against that floor;
+- memory per idle sandbox (its bubblewrap and shell, proportional set size) with
+  `--idle` sandboxes open at once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from corral.ledger import Ledger
 from corral.policy import Policy
@@ -34,11 +38,58 @@ def _median(fn: Callable[[], object], n: int) -> float:
     return statistics.median(times)
 
 
+def _pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        out.append(cur)
+        todo.extend(children.get(cur, []))
+    return out
+
+
+def idle_memory(policy: Policy, ws: str, ledger: Ledger, count: int) -> tuple[float, int]:
+    """Mean proportional set size of an idle sandbox's processes, ``count`` open at once."""
+    boxes = []
+    try:
+        for _ in range(count):
+            sb = Sandbox(policy, ws, gate=False, ledger=ledger)
+            sb.run("true")  # start its shell, then leave it idle
+            boxes.append(sb)
+        total = 0
+        for sb in boxes:
+            session = sb.backend._boxes[sb.id].session  # type: ignore[attr-defined]
+            total += sum(_pss(p) for p in _tree(session.proc.pid))
+        return total / len(boxes), len(boxes)
+    finally:
+        for sb in boxes:
+            sb.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("-n", type=int, default=40, help="runs per measurement (default 40)")
+    ap.add_argument("--idle", type=int, default=200, help="idle sandboxes held open at once")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as ws, Ledger.memory() as ledger:
         strict = Policy.load("strict")
@@ -65,6 +116,12 @@ def main() -> None:
         t_bare_bwrap = _median(bare_bwrap, n)
         t_cold = _median(cold(False), n)
         t_cold_gate = _median(cold(True), n)
+        with Sandbox(strict, ws, gate=False, ledger=ledger) as sb:
+            t_warm = _median(lambda: sb.run("/bin/true"), n * 5)
+            t_warm_gate = 0.0
+        with Sandbox(strict, ws, gate=True, ledger=ledger) as sb:
+            t_warm_gate = _median(lambda: sb.run("/bin/true"), n * 5)
+        per_idle, idle_n = idle_memory(strict, ws, ledger, args.idle)
     print(f"sandbox benchmark · {n} runs each · median wall time · pid {os.getpid()}")
     print(f"  bare fork+exec /bin/true         {t_bare_exec * 1e3:7.2f} ms")
     print(f"  bare bwrap --unshare-all         {t_bare_bwrap * 1e3:7.2f} ms")
@@ -74,7 +131,15 @@ def main() -> None:
     print(
         f"  corral cold sandbox, gate on     {t_cold_gate * 1e3:7.2f} ms  = {t_cold_gate / t_bare_bwrap:.2f}× bare bwrap"
     )
-    print("  warm exec in a session           not measured: persistent sessions are not built yet")
+    print(
+        f"  corral warm command, gate off    {t_warm * 1e3:7.2f} ms  = {t_warm / t_bare_exec:.2f}× bare fork+exec (target ≤ 2×)"
+    )
+    print(
+        f"  corral warm command, gate on     {t_warm_gate * 1e3:7.2f} ms  = {t_warm_gate / t_bare_exec:.2f}× bare fork+exec"
+    )
+    print(
+        f"  memory per idle sandbox          {per_idle / 2**20:7.2f} MiB (PSS of its bubblewrap and shell, {idle_n} open; target ≤ 4 MiB)"
+    )
 
 
 if __name__ == "__main__":

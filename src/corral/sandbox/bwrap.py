@@ -6,14 +6,15 @@ bubblewrap: later mounts cover earlier ones, so the read-only root comes first, 
 private /tmp, /dev, /proc, then the workspace, then what is hidden or protected on top.
 
 Every command runs under the seccomp filter of ``seccomp.py`` and in the sandbox's cgroup
-(``cgroups.py``; rlimits when none can be made). Not done yet: persistent sessions (each
-``exec`` starts a fresh bubblewrap, so state lives only in the workspace).
+(``cgroups.py``; rlimits when none can be made). Commands run in one persistent shell per
+sandbox (``session.py``); a streamed agent (``corral run``) gets a bubblewrap of its own.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,8 @@ from pathlib import Path
 from corral.model import new_id
 from corral.sandbox import files, seccomp
 from corral.sandbox.backend import EXIT_TIMEOUT, SANDBOX_HOME, ExecResult, SandboxError, SandboxSpec
-from corral.sandbox.cgroups import Cgroup, Limits
+from corral.sandbox.cgroups import Cgroup, Limits, Usage
+from corral.sandbox.session import IO_DIR, ShellSession
 
 # Paths mounted empty and read-only: the host's runtime sockets (docker, containerd,
 # dbus, systemd) live under /run, and /sys would show the host's devices.
@@ -62,6 +64,7 @@ def bwrap_argv(
     cwd: str | None = None,
     seccomp_fd: int | None = None,
     dev: Path = Path("/dev"),
+    io_dir: Path | None = None,
 ) -> list[str]:
     """bubblewrap's command line for running ``argv`` in a sandbox built from ``spec``."""
     ws = str(spec.workspace)
@@ -100,7 +103,11 @@ def bwrap_argv(
     ]
     for path in _EMPTY_RO:
         if os.path.isdir(path):
-            args += ["--tmpfs", path, "--remount-ro", path]
+            args += ["--tmpfs", path]
+            if path == "/run" and io_dir is not None:
+                # The session's hand-over directory, bound before /run turns read-only.
+                args += ["--bind", str(io_dir), IO_DIR]
+            args += ["--remount-ro", path]
     covered = [Path(p) for p in (*_EMPTY_RO, "/dev")]
     for p in sorted(spec.hidden, key=lambda x: len(x.parts)):
         # Already invisible under an emptied parent; mounting into it would fail.
@@ -146,6 +153,7 @@ class _Box:
     spec: SandboxSpec
     created: float
     cgroup: Cgroup | None
+    session: ShellSession | None = None
 
 
 def _rlimits(spec: SandboxSpec) -> Callable[[], None]:
@@ -160,7 +168,7 @@ def _rlimits(spec: SandboxSpec) -> Callable[[], None]:
 
 
 class BwrapBackend:
-    """Sandboxes made with bubblewrap. Each exec runs in its own bubblewrap for now."""
+    """Sandboxes made with bubblewrap: one persistent shell each, started on first use."""
 
     name = "bwrap"
 
@@ -191,6 +199,28 @@ class BwrapBackend:
         except KeyError:
             raise SandboxError(f"no open sandbox {sandbox_id}") from None
 
+    def _preexec(self, box: _Box) -> Callable[[], None]:
+        # In the cgroup before bubblewrap runs, so nothing it forks starts outside.
+        return box.cgroup.enter if box.cgroup else _rlimits(box.spec)
+
+    def _session(self, box: _Box) -> ShellSession:
+        if box.session is not None and box.session.alive:
+            return box.session
+        if box.session is not None:
+            box.session.close()
+        filter_fd = seccomp.filter_fd()
+
+        def argv_for(command: list[str], io_dir: Path, ctrl_fd: int) -> list[str]:
+            cmd = bwrap_argv(box.spec, command, seccomp_fd=filter_fd, io_dir=io_dir)
+            cmd[0] = self.bwrap
+            return cmd
+
+        try:
+            box.session = ShellSession(argv_for, self._preexec(box), pass_fds=(filter_fd,))
+        finally:
+            os.close(filter_fd)
+        return box.session
+
     def exec(
         self,
         sandbox_id: str,
@@ -201,13 +231,51 @@ class BwrapBackend:
         stdin: bytes | None = None,
         stream: bool = False,
     ) -> ExecResult:
+        """An argv, run in the sandbox's shell (``stream``: in a bubblewrap of its own,
+        on the caller's stdio)."""
+        if stream or stdin is not None or cwd is not None:
+            return self._exec_once(
+                sandbox_id, argv, cwd=cwd, timeout=timeout, stdin=stdin, stream=stream
+            )
+        return self.run_shell(sandbox_id, shlex.join(argv), timeout=timeout)
+
+    def run_shell(
+        self, sandbox_id: str, command: str, *, timeout: float | None = None
+    ) -> ExecResult:
+        """A shell command in the sandbox's persistent shell: ``cd``, exported variables
+        and background jobs carry over to the next command."""
+        box = self._box(sandbox_id)
+        limit = box.spec.wall_time if timeout is None else timeout
+        session = self._session(box)
+        before = box.cgroup.usage() if box.cgroup else None
+        start = time.perf_counter()
+        o = session.run(command, limit)
+        code = EXIT_TIMEOUT if o.status is None else o.status
+        timed_out = o.ended == "timeout"
+        if o.ended and box.cgroup:
+            # The pid namespace dies with its init a moment after bubblewrap; wait for
+            # every process (daemons included) to be gone before answering.
+            box.cgroup.kill_all()
+        return self._result(
+            box, before, code, o.stdout, o.stderr, time.perf_counter() - start, timed_out
+        )
+
+    def _exec_once(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        *,
+        cwd: str | None,
+        timeout: float | None,
+        stdin: bytes | None,
+        stream: bool,
+    ) -> ExecResult:
         box = self._box(sandbox_id)
         filter_fd = seccomp.filter_fd()
         cmd = bwrap_argv(box.spec, argv, cwd=cwd, seccomp_fd=filter_fd)
         cmd[0] = self.bwrap
         limit = box.spec.wall_time if timeout is None else timeout
-        cg = box.cgroup
-        before = cg.usage() if cg else None
+        before = box.cgroup.usage() if box.cgroup else None
         start = time.perf_counter()
         try:
             proc = subprocess.Popen(
@@ -225,8 +293,7 @@ class BwrapBackend:
                 close_fds=True,
                 pass_fds=(filter_fd,),
                 start_new_session=True,
-                # In the cgroup before bubblewrap runs, so nothing it forks starts outside.
-                preexec_fn=cg.enter if cg else _rlimits(box.spec),
+                preexec_fn=self._preexec(box),
                 env={"PATH": "/usr/bin:/bin"},
             )
         finally:
@@ -240,16 +307,29 @@ class BwrapBackend:
             # with it, and a pid namespace dies with its pid 1.
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-        out, err = out or b"", err or b""
-        duration = time.perf_counter() - start
+            if box.cgroup:
+                box.cgroup.kill_all()
         code = EXIT_TIMEOUT if timed_out else proc.returncode
-        if code < 0:
-            code = 128 - code
+        code = 128 - code if code < 0 else code
+        return self._result(
+            box, before, code, out or b"", err or b"", time.perf_counter() - start, timed_out
+        )
+
+    def _result(
+        self,
+        box: _Box,
+        before: Usage | None,
+        code: int,
+        out: bytes,
+        err: bytes,
+        duration: float,
+        timed_out: bool,
+    ) -> ExecResult:
         stderr = err.decode("utf-8", "replace")
         cpu = peak = None
         oom = pids_hit = False
-        if cg and before:
-            after = cg.usage()
+        if box.cgroup and before:
+            after = box.cgroup.usage()
             if after.cpu_seconds is not None and before.cpu_seconds is not None:
                 cpu = after.cpu_seconds - before.cpu_seconds
             peak = after.peak_memory
@@ -281,5 +361,9 @@ class BwrapBackend:
 
     def close(self, sandbox_id: str) -> None:
         box = self._boxes.pop(sandbox_id, None)
-        if box is not None and box.cgroup is not None:
+        if box is None:
+            return
+        if box.session is not None:
+            box.session.close()
+        if box.cgroup is not None:
             box.cgroup.remove()

@@ -121,7 +121,10 @@ class Sandbox:
                     decision,
                     action_id=action.id,
                 )
-        r = self.backend.exec(self.id, argv, timeout=timeout, stream=stream)
+        if isinstance(command, str) and not stream:
+            r = self.backend.run_shell(self.id, command, timeout=timeout)
+        else:
+            r = self.backend.exec(self.id, argv, timeout=timeout, stream=stream)
         self._record_exec(action, argv, r)
         return Result(
             r.exit_code, r.stdout, r.stderr, decision, (), r.duration_s, r.timed_out, action.id

@@ -1,0 +1,56 @@
+"""A sandbox keeps one shell: state carries over between commands, like a ROCK session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.ledger import Ledger
+from corral.sandbox import Sandbox
+
+from .test_sandbox import OPEN_GATE
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    with Ledger.memory() as ledger, Sandbox(OPEN_GATE, tmp_path, gate=False, ledger=ledger) as sb:
+        yield sb
+
+
+def test_directory_and_exported_variables_persist(sandbox: Sandbox) -> None:
+    assert sandbox.run("mkdir -p sub && cd sub && export X=1").exit_code == 0
+    r = sandbox.run("pwd; echo $X")
+    assert r.stdout == f"{sandbox.workspace}/sub\n1\n"
+
+
+def test_warm_commands_reuse_the_same_shell(sandbox: Sandbox) -> None:
+    first = sandbox.run("echo $$").stdout
+    second = sandbox.run("echo $$").stdout
+    assert first == second != ""
+
+
+def test_background_jobs_survive_between_calls(sandbox: Sandbox) -> None:
+    assert sandbox.run("sleep 100 & echo started").stdout == "started\n"
+    assert "sleep 100" in sandbox.run("jobs").stdout
+
+
+def test_exit_ends_the_shell_and_the_next_command_gets_a_fresh_one(sandbox: Sandbox) -> None:
+    sandbox.run("export KEPT=yes; echo note > note.txt")
+    r = sandbox.run("echo bye; echo why >&2; exit 7")
+    assert (r.exit_code, r.stdout, r.stderr) == (7, "bye\n", "why\n")
+    r = sandbox.run("echo ${KEPT:-gone}; cat note.txt")
+    assert r.stdout == "gone\nnote\n"  # shell state is lost, workspace files are not
+
+
+def test_a_command_cannot_read_the_shells_input(sandbox: Sandbox) -> None:
+    # Commands get /dev/null as stdin, so one cannot swallow the next hand-over line.
+    r = sandbox.run("cat; echo done")
+    assert r.stdout == "done\n"
+    assert sandbox.run("echo next").stdout == "next\n"
+
+
+def test_output_is_kept_apart_per_command(sandbox: Sandbox) -> None:
+    sandbox.run("(sleep 0.3; echo late) &")
+    assert sandbox.run("echo now").stdout == "now\n"
