@@ -22,11 +22,61 @@ _STYLE = {"allow": "green", "ask": "yellow", "deny": "bold red"}
 
 
 @dataclass(frozen=True, slots=True)
+class Contained:
+    say: str
+    command: str
+    shows: str
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     say: str
     command: str
     expect: str
     category: str | None
+
+
+def load_contained() -> list[Contained]:
+    raw: dict[str, Any] = yaml.safe_load(
+        resources.files("corral.demo").joinpath("trajectory.yaml").read_text()
+    )
+    return [Contained(c["say"], c["command"], c["shows"]) for c in raw.get("contained", [])]
+
+
+def replay_contained(console: Console, ledger: Ledger, run_id: str) -> list[str]:
+    """Run the attempts in a real sandbox with the gate off; the misses, if any."""
+    import tempfile
+
+    from corral.sandbox import Sandbox
+
+    policy = Policy.from_dict(
+        {
+            "version": 1,
+            "extends": "strict",
+            "name": "strict-gate-off",
+            "resources": {"memory": "256MiB", "pids": 64},
+        }
+    )
+    misses = []
+    console.print(
+        "\n[bold]The same attempts with the gate switched off[/]: the sandbox alone holds"
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="corral-demo-") as ws,
+        Sandbox(policy, ws, gate=False, ledger=ledger, run_id=run_id) as sb,
+    ):
+        for i, c in enumerate(load_contained(), 1):
+            r = sb.run(c.command, timeout=30)
+            said = (r.stdout + r.stderr).strip()
+            held = c.shows.lower() in said.lower()
+            mark = "[green]HELD[/] " if held else "[bold red]LEAKED[/]"
+            console.print(f"[dim]{i:>2}[/] {mark} {escape(c.command)}")
+            console.print(f"         [dim]agent: {escape(c.say)}[/]")
+            last = said.splitlines()[-1] if said else "(no output)"
+            console.print(f"         exit {r.exit_code} · {escape(last[:110])}")
+            if not held:
+                misses.append(f"contained {i}: expected {c.shows!r} in {said[-200:]!r}")
+    return misses
 
 
 def load_trajectory() -> tuple[str, str, list[Step]]:
@@ -45,7 +95,9 @@ def run_demo(*, policy_name: str, ledger_path: Path, home: Path, as_json: bool =
     policy = Policy.load(policy_name)
     policy.check("true")  # builds the gate, so the first step's latency is a decision's
     if not as_json:
-        console.print("[bold]corral demo[/]: the ROME incident, replayed through the gate")
+        console.print(
+            "[bold]corral demo[/]: the ROME incident, replayed through the gate and the sandbox"
+        )
         console.print(f"policy [cyan]{policy.name}[/] ({policy.hash[:19]}…), task: {task!r}")
         console.print(f"ledger {ledger_path}, run {run_id}\n")
     misses: list[str] = []
@@ -67,7 +119,6 @@ def run_demo(*, policy_name: str, ledger_path: Path, home: Path, as_json: bool =
             decision = policy.check_action(action)
             ledger.append_decision(action, decision)
             decisions.append((step, decision))
-        report = ledger.verify()
     for i, (step, d) in enumerate(decisions, 1):
         verdict = d.verdict.value
         cat = d.category.value if d.category else ""
@@ -93,6 +144,11 @@ def run_demo(*, policy_name: str, ledger_path: Path, home: Path, as_json: bool =
             f"\n{len(steps)} steps: {verdicts['allow']} allowed, {verdicts['ask']} held for "
             f"review, {verdicts['deny']} denied ({blocked})"
         )
+    with Ledger.open(ledger_path) as ledger:
+        if not as_json:
+            misses.extend(replay_contained(console, ledger, run_id))
+        report = ledger.verify()
+    if not as_json:
         state = "[green]intact[/]" if report.ok else f"[red]BROKEN[/] ({report.problem})"
         console.print(f"\nledger: {report.records} records, chain {state}, head {report.head_hash}")
         console.print(f"see it with: corral log --run {run_id}   ·   corral verify")
