@@ -7,8 +7,9 @@ need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v bwrap >/dev/null || need+=(bubblewrap)
-# libseccomp is what the sandbox's seccomp filter is compiled with.
-ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
+# libseccomp is what the sandbox's seccomp filter is compiled with. (No `grep -q`:
+# it exits at the first match, ldconfig gets SIGPIPE, and pipefail calls that failure.)
+ldconfig -p 2>/dev/null | grep 'libseccomp\.so\.2' >/dev/null || need+=(libseccomp2)
 command -v bash >/dev/null || need+=(bash)
 
 if [ ${#need[@]} -eq 0 ]; then

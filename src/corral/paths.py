@@ -16,3 +16,10 @@ def corral_home(override: str | os.PathLike[str] | None = None) -> Path:
 
 def default_ledger_path(home: str | os.PathLike[str] | None = None) -> Path:
     return corral_home(home) / "ledger.db"
+
+
+def runtime_dir(home: str | os.PathLike[str] | None = None) -> Path:
+    """Private scratch space for running sandboxes (hand-over files), mode 0700."""
+    d = corral_home(home) / "run"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d

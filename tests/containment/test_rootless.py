@@ -68,6 +68,7 @@ def _as_user(uid: int, gid: int, workspace: Path) -> dict[str, Any]:
             os.setgid(gid)
             os.setuid(uid)
             os.environ["HOME"] = str(workspace)
+            os.environ["CORRAL_HOME"] = str(workspace / ".corral")
             result = _run_checks(workspace)
         except BaseException as exc:  # report, never fall back into the test runner
             result = {"error": repr(exc)}

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.model import new_id
+from corral.paths import runtime_dir
 from corral.sandbox.backend import SandboxError
 
 IO_DIR = "/run/corral"
@@ -74,7 +75,8 @@ class ShellSession:
     ) -> None:
         """``argv_for(command, io_dir, ctrl_fd)`` builds the bubblewrap command line that
         binds ``io_dir`` at ``/run/corral`` and runs ``command``."""
-        self.io = Path(tempfile.mkdtemp(prefix="corral-io-"))
+        # Not the shared /tmp: corral's own private directory.
+        self.io = Path(tempfile.mkdtemp(prefix="io-", dir=runtime_dir()))
         ctrl_r, ctrl_w = os.pipe()
         cmd = argv_for(["/bin/bash", "--noprofile", "--norc", "-s"], self.io, ctrl_w)
         try:
