@@ -23,6 +23,7 @@ from corral.paths import corral_home, default_ledger_path
 if TYPE_CHECKING:
     from corral.ledger import Ledger
     from corral.policy import Policy
+    from corral.sandbox import Result
 
 EXIT_OK = 0
 EXIT_FLAGGED = 1
@@ -356,7 +357,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FLAGGED
 
 
-def _cmd_exec(args: argparse.Namespace) -> int:
+def _run_in_sandbox(args: argparse.Namespace, **run: Any) -> Result:
+    """One command (one argument: a shell string; several: an argv) in a fresh sandbox."""
     from corral.ledger import Ledger
     from corral.sandbox import Sandbox
 
@@ -367,7 +369,11 @@ def _cmd_exec(args: argparse.Namespace) -> int:
             args.policy, args.workspace, gate=not args.no_gate, ledger=ledger, run_id=args.run_id
         ) as sb,
     ):
-        r = sb.run(command, timeout=args.timeout)
+        return sb.run(command, **run)
+
+
+def _cmd_exec(args: argparse.Namespace) -> int:
+    r = _run_in_sandbox(args, timeout=args.timeout)
     if args.json:
         print(
             json.dumps(
@@ -389,18 +395,8 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from corral.ledger import Ledger
-    from corral.sandbox import Sandbox
-
-    command: str | list[str] = args.command[0] if len(args.command) == 1 else list(args.command)
-    with (
-        Ledger.open(_ledger_path(args)) as ledger,
-        Sandbox(
-            args.policy, args.workspace, gate=not args.no_gate, ledger=ledger, run_id=args.run_id
-        ) as sb,
-    ):
-        # The agent's own stdio; its lifetime is bounded by the policy's wall time.
-        r = sb.run(command, stream=True)
+    # The agent's own stdio; its lifetime is bounded by the policy's wall time.
+    r = _run_in_sandbox(args, stream=True)
     if r.stderr:
         sys.stderr.write(r.stderr)
     return r.exit_code

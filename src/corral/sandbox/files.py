@@ -62,18 +62,22 @@ def _open_parent(workspace: Path, parts: list[str], *, create_dirs: bool) -> int
         raise
 
 
-def read_file(workspace: Path, path: str, *, limit: int = 64 << 20) -> bytes:
+def _open_in_workspace(workspace: Path, path: str, flags: int, *, create_dirs: bool) -> int:
+    """A descriptor for ``path`` under ``workspace``, no link followed on the way."""
     parts = _components(workspace, path)
-    parent = _open_parent(workspace, parts, create_dirs=False)
+    parent = _open_parent(workspace, parts, create_dirs=create_dirs)
     try:
-        try:
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafePathError(f"{path} is a symbolic link; it is not followed") from None
-            raise
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(f"{path} is a symbolic link; it is not followed") from None
+        raise
     finally:
         os.close(parent)
+
+
+def read_file(workspace: Path, path: str, *, limit: int = 64 << 20) -> bytes:
+    fd = _open_in_workspace(workspace, path, os.O_RDONLY, create_dirs=False)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise UnsafePathError(f"{path} is not a regular file")
@@ -84,21 +88,8 @@ def read_file(workspace: Path, path: str, *, limit: int = 64 << 20) -> bytes:
 
 
 def write_file(workspace: Path, path: str, data: bytes) -> None:
-    parts = _components(workspace, path)
-    parent = _open_parent(workspace, parts, create_dirs=True)
-    try:
-        try:
-            fd = os.open(
-                parts[-1],
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o644,
-                dir_fd=parent,
-            )
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafePathError(f"{path} is a symbolic link; it is not followed") from None
-            raise
-    finally:
-        os.close(parent)
+    fd = _open_in_workspace(
+        workspace, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, create_dirs=True
+    )
     with os.fdopen(fd, "wb") as f:
         f.write(data)
