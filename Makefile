@@ -27,6 +27,7 @@ demo: setup
 	@$(BIN)/corral demo
 
 test: setup
+	@bash scripts/setup-system.sh --test
 	@$(BIN)/ruff check src tests bench
 	@$(BIN)/mypy
 	@$(BIN)/python -m pytest -q

@@ -11,6 +11,12 @@ command -v bwrap >/dev/null || need+=(bubblewrap)
 # it exits at the first match, ldconfig gets SIGPIPE, and pipefail calls that failure.)
 ldconfig -p 2>/dev/null | grep 'libseccomp\.so\.2' >/dev/null || need+=(libseccomp2)
 command -v bash >/dev/null || need+=(bash)
+# `make test` runs real tools inside sandboxes to prove what fails there.
+if [ "${1:-}" = "--test" ]; then
+  command -v ip >/dev/null || need+=(iproute2)
+  command -v strace >/dev/null || need+=(strace)
+  command -v unshare >/dev/null || need+=(util-linux)
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -224,3 +224,35 @@ def test_every_exec_is_recorded_with_its_action(workspace: Path) -> None:
     assert len(execs) == 1 and len(decisions) == 1
     assert execs[0].action_id == decisions[0].action_id == r.action_id
     assert execs[0].body["exit_code"] == 0 and execs[0].step == 3 and execs[0].run_id == "r1"
+
+
+@pytest.mark.parametrize("gate", [[], ["--no-gate"]], ids=["gate-on", "gate-off"])
+def test_corral_exec_strict_stops_the_escape_tools(tmp_path: Path, gate: list[str]) -> None:
+    """The acceptance list, through the command line, with the real tools."""
+    import subprocess
+    import sys
+
+    def exec_(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "corral", "exec", "--policy", "strict", *gate,
+             "--workspace", str(tmp_path), "--", command],
+            capture_output=True, text=True, timeout=60,
+            env={"CORRAL_HOME": str(tmp_path / "home"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )  # fmt: skip
+
+    links = exec_("ip -o link show")
+    if gate:  # the gate holds `ip` for review under strict; the sandbox answers alone
+        assert links.returncode == 0, links.stderr
+        assert [ln.split(":")[1].strip() for ln in links.stdout.splitlines()] == ["lo"]
+    else:
+        assert links.returncode == 126
+    devices = exec_("ls /dev")
+    assert devices.returncode == 0 and "nvidia" not in devices.stdout
+    for escape in (
+        "mount -t tmpfs none /mnt",
+        "unshare -r true",
+        "nsenter -t 1 -a true",
+        "strace -p 1",
+    ):
+        r = exec_(escape)
+        assert r.returncode != 0, (escape, r.stdout, r.stderr)
