@@ -54,3 +54,13 @@ def test_a_command_cannot_read_the_shells_input(sandbox: Sandbox) -> None:
 def test_output_is_kept_apart_per_command(sandbox: Sandbox) -> None:
     sandbox.run("(sleep 0.3; echo late) &")
     assert sandbox.run("echo now").stdout == "now\n"
+
+
+def test_huge_output_is_cut_not_loaded_whole(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral.sandbox import session
+
+    monkeypatch.setattr(session, "OUTPUT_LIMIT", 1000)
+    r = sandbox.run("head -c 5000 /dev/zero | tr '\\0' x")
+    assert r.stdout.startswith("x" * 1000) and "output cut at 1000 bytes" in r.stdout

@@ -178,10 +178,18 @@ class ShellSession:
         shutil.rmtree(self.io, ignore_errors=True)
 
 
+# What one command's stdout or stderr may hand back; the rest is dropped, and said so.
+OUTPUT_LIMIT = 16 << 20
+
+
 def _take(path: Path) -> bytes:
+    limit = OUTPUT_LIMIT
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
     except FileNotFoundError:
         return b""
     path.unlink(missing_ok=True)
+    if len(data) > limit:
+        return data[:limit] + f"\n[corral: output cut at {limit} bytes]\n".encode()
     return data
