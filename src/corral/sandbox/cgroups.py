@@ -73,6 +73,7 @@ class Cgroup:
     dirs: list[Path]
     limits: Limits
     procs_files: list[Path] = field(default_factory=list)
+    _fds: dict[Path, int] = field(default_factory=dict)
 
     @classmethod
     def create(cls, name: str, limits: Limits, root: Path = CGROUP_ROOT) -> Cgroup | None:
@@ -149,29 +150,44 @@ class Cgroup:
                 out.update(int(x) for x in f.read_text().split())
         return sorted(out)
 
+    def _read(self, path: Path) -> str:
+        """A counter file's text. Its descriptor stays open and is re-read from offset 0,
+        about twenty times cheaper than opening it again (read before and after every
+        command)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return ""
+            self._fds[path] = fd
+        try:
+            return os.pread(fd, 8192, 0).decode()
+        except OSError:
+            return ""
+
     def usage(self) -> Usage:
         if self.version == "v2":
             d = self.dirs[0]
-            events = _kv(d / "memory.events")
-            peak = _int(d / "memory.peak")
-            cpu = _kv(d / "cpu.stat").get("usage_usec")
-            pids_events = _kv(d / "pids.events")
+            events = _kv(self._read(d / "memory.events"))
+            peak = _int(self._read(d / "memory.peak"))
+            cpu = _kv(self._read(d / "cpu.stat")).get("usage_usec")
             return Usage(
                 peak,
                 cpu / 1e6 if cpu is not None else None,
                 events.get("oom_kill", 0),
-                pids_events.get("max", 0),
+                _kv(self._read(d / "pids.events")).get("max", 0),
             )
         mem, pids = self.dirs[:2]
-        oom = _kv(mem / "memory.oom_control").get("oom_kill", 0)
         cpu_ns = next(
-            (v for d in self.dirs[2:] if (v := _int(d / "cpuacct.usage")) is not None), None
+            (v for d in self.dirs[2:] if (v := _int(self._read(d / "cpuacct.usage"))) is not None),
+            None,
         )
         return Usage(
-            _int(mem / "memory.max_usage_in_bytes"),
+            _int(self._read(mem / "memory.max_usage_in_bytes")),
             cpu_ns / 1e9 if cpu_ns is not None else None,
-            oom,
-            _kv(pids / "pids.events").get("max", 0),
+            _kv(self._read(mem / "memory.oom_control")).get("oom_kill", 0),
+            _kv(self._read(pids / "pids.events")).get("max", 0),
         )
 
     def kill_all(self, timeout: float = 5.0) -> None:
@@ -189,6 +205,10 @@ class Cgroup:
 
     def remove(self) -> None:
         self.kill_all()
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
         for d in self.dirs:
             for _ in range(100):  # the kernel frees a cgroup a moment after its last task
                 try:
@@ -209,18 +229,17 @@ def _write(path: Path, value: object, *, missing_ok: bool = False) -> None:
             raise
 
 
-def _int(path: Path) -> int | None:
+def _int(text: str) -> int | None:
     try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        return int(text.split()[0])
+    except (ValueError, IndexError):
         return None
 
 
-def _kv(path: Path) -> dict[str, int]:
+def _kv(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-                out[parts[0]] = int(parts[1])
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
     return out
