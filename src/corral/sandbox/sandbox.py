@@ -63,8 +63,13 @@ class Sandbox:
         self.ledger = (
             ledger if isinstance(ledger, Ledger) else Ledger.open(ledger or default_ledger_path())
         )
-        self.backend = get_backend(backend) if isinstance(backend, str) else backend
-        self.id = self.backend.create(self.spec)
+        try:
+            self.backend = get_backend(backend) if isinstance(backend, str) else backend
+            self.id = self.backend.create(self.spec)
+        except BaseException:
+            if self._own_ledger:
+                self.ledger.close()
+            raise
         self._step = 0
         self.ledger.append_note(
             {
@@ -97,11 +102,6 @@ class Sandbox:
         """Run a shell command string (through bash) or an argv list."""
         self._step += 1
         text = command if isinstance(command, str) else shlex.join(command)
-        argv = (
-            ["/bin/bash", "--noprofile", "--norc", "-c", command]
-            if isinstance(command, str)
-            else list(command)
-        )
         action = Action.shell(
             text,
             run_id=self.run_id,
@@ -123,18 +123,21 @@ class Sandbox:
                 )
         if isinstance(command, str) and not stream:
             r = self.backend.run_shell(self.id, command, timeout=timeout)
+            what: dict[str, Any] = {"command": command, "in": "session"}
         else:
+            argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
             r = self.backend.exec(self.id, argv, timeout=timeout, stream=stream)
-        self._record_exec(action, argv, r)
+            what = {"argv": argv, "in": "own bubblewrap"}
+        self._record_exec(action, what, r)
         return Result(
             r.exit_code, r.stdout, r.stderr, decision, (), r.duration_s, r.timed_out, action.id
         )
 
-    def _record_exec(self, action: Action, argv: list[Any], r: ExecResult) -> None:
+    def _record_exec(self, action: Action, what: dict[str, Any], r: ExecResult) -> None:
         self.ledger.append(
             "exec",
             {
-                "argv": argv,
+                **what,
                 "exit_code": r.exit_code,
                 "duration_s": round(r.duration_s, 6),
                 "timed_out": r.timed_out,
