@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +65,21 @@ def test_huge_output_is_cut_not_loaded_whole(
     monkeypatch.setattr(session, "OUTPUT_LIMIT", 1000)
     r = sandbox.run("head -c 5000 /dev/zero | tr '\\0' x")
     assert r.stdout.startswith("x" * 1000) and "output cut at 1000 bytes" in r.stdout
+
+
+def test_works_when_descriptors_are_numbered_past_1024(tmp_path: Path) -> None:
+    # A host with hundreds of open sandboxes: every new descriptor is past select()'s limit.
+    from corral.sandbox.bwrap import _raise_fd_limit
+
+    _raise_fd_limit()
+    null = os.open(os.devnull, os.O_RDONLY)
+    held = [os.dup(null) for _ in range(1100)]
+    try:
+        with (
+            Ledger.memory() as ledger,
+            Sandbox(OPEN_GATE, tmp_path, gate=False, ledger=ledger) as sb,
+        ):
+            assert sb.run("echo high").stdout == "high\n"
+    finally:
+        for fd in [null, *held]:
+            os.close(fd)

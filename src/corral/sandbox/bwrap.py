@@ -12,6 +12,7 @@ sandbox (``session.py``); a streamed agent (``corral run``) gets a bubblewrap of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shlex
@@ -167,6 +168,17 @@ def _rlimits(spec: SandboxSpec) -> Callable[[], None]:
     return apply
 
 
+def _raise_fd_limit() -> None:
+    """Each open sandbox holds a few descriptors (its shell's pipes, its cgroup's counter
+    files); a host with hundreds of sandboxes needs more than the usual soft limit of
+    1024, so take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 class BwrapBackend:
     """Sandboxes made with bubblewrap: one persistent shell each, started on first use."""
 
@@ -180,6 +192,7 @@ class BwrapBackend:
             )
         self.bwrap = found
         self._boxes: dict[str, _Box] = {}
+        _raise_fd_limit()
 
     def create(self, spec: SandboxSpec) -> str:
         sandbox_id = new_id()[:16]

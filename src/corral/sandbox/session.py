@@ -94,6 +94,8 @@ class ShellSession:
         finally:
             os.close(ctrl_w)
         self._ctrl = os.fdopen(ctrl_r, "rb", buffering=0)
+        self._poll = select.poll()
+        self._poll.register(ctrl_r, select.POLLIN)
         self._buf = b""
         assert self.proc.stdin is not None
         self._stdin = self.proc.stdin
@@ -116,7 +118,9 @@ class ShellSession:
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self._buf:
             wait = 0.25 if deadline is None else min(0.25, max(0.0, deadline - time.monotonic()))
-            ready, _, _ = select.select([self._ctrl], [], [], wait)
+            # poll, not select: a host with hundreds of sandboxes has descriptors
+            # numbered past select's limit of 1024.
+            ready = self._poll.poll(wait * 1000)
             if not ready:
                 # A daemon the command left behind may hold the pipe open, so EOF is
                 # not a reliable sign of death: the shell's own exit is.
