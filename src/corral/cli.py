@@ -44,6 +44,17 @@ def _add_state(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ledger", help="ledger file (default: HOME/ledger.db)")
 
 
+def _add_sandbox(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that run something in a sandbox."""
+    p.add_argument(
+        "--policy", default="strict", help="preset name or policy file (default: strict)"
+    )
+    p.add_argument("--workspace", default=".", help="directory bound read-write (default: .)")
+    p.add_argument("--no-gate", action="store_true", help="skip the gate: test containment alone")
+    p.add_argument("--run-id", default=os.environ.get("CORRAL_RUN_ID"))
+    _add_state(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="corral", description="Contain autonomous AI agents.")
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
@@ -65,29 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("command", nargs="*", help='the command, after "--"')
 
     e = sub.add_parser("exec", help="run one command in a fresh sandbox")
-    e.add_argument(
-        "--policy", default="strict", help="preset name or policy file (default: strict)"
-    )
-    e.add_argument("--workspace", default=".", help="directory bound read-write (default: .)")
-    e.add_argument("--no-gate", action="store_true", help="skip the gate: test containment alone")
+    _add_sandbox(e)
     e.add_argument(
         "--timeout", type=float, help="wall-time limit in seconds (default: the policy's)"
     )
     e.add_argument("--json", action="store_true", help="print one JSON object with the result")
-    e.add_argument("--run-id", default=os.environ.get("CORRAL_RUN_ID"))
-    _add_state(e)
     e.add_argument("command", nargs="+", help='the command, after "--" (one argument: run by bash)')
 
     rn = sub.add_parser("run", help="run a whole agent process, contained for its lifetime")
-    rn.add_argument(
-        "--policy", default="strict", help="preset name or policy file (default: strict)"
-    )
-    rn.add_argument("--workspace", default=".", help="directory bound read-write (default: .)")
-    rn.add_argument(
-        "--no-gate", action="store_true", help="do not check the agent's launch command"
-    )
-    rn.add_argument("--run-id", default=os.environ.get("CORRAL_RUN_ID"))
-    _add_state(rn)
+    _add_sandbox(rn)
     rn.add_argument("command", nargs="+", help='the agent command, after "--"')
 
     dr = sub.add_parser("doctor", help="which isolation layers are active here, and why not others")
