@@ -83,3 +83,19 @@ def test_works_when_descriptors_are_numbered_past_1024(tmp_path: Path) -> None:
     finally:
         for fd in [null, *held]:
             os.close(fd)
+
+
+def test_a_sandbox_that_cannot_start_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral.errors import CorralError
+    from corral.sandbox.session import ShellSession
+
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path / "home"))
+
+    def broken(command: list[str], io_dir: Path, ctrl_fd: int) -> list[str]:
+        return ["bwrap", "--no-such-option", "--", *command]
+
+    with pytest.raises(CorralError, match="no-such-option"):
+        ShellSession(broken, None)
+    assert list((tmp_path / "home" / "run").iterdir()) == []  # nothing left behind

@@ -79,18 +79,21 @@ class ShellSession:
         self.io = Path(tempfile.mkdtemp(prefix="io-", dir=runtime_dir()))
         ctrl_r, ctrl_w = os.pipe()
         cmd = argv_for(["/bin/bash", "--noprofile", "--norc", "-s"], self.io, ctrl_w)
+        # bubblewrap's own complaints (a mount it cannot make) land here, host side.
+        self._errlog = self.io.parent / f"{self.io.name}.err"
         try:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                close_fds=True,
-                pass_fds=(ctrl_w, *pass_fds),
-                start_new_session=True,
-                preexec_fn=preexec,
-                env={"PATH": "/usr/bin:/bin"},
-            )
+            with open(self._errlog, "wb") as errlog:
+                self.proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errlog,
+                    close_fds=True,
+                    pass_fds=(ctrl_w, *pass_fds),
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                    env={"PATH": "/usr/bin:/bin"},
+                )
         finally:
             os.close(ctrl_w)
         self._ctrl = os.fdopen(ctrl_r, "rb", buffering=0)
@@ -100,11 +103,14 @@ class ShellSession:
         assert self.proc.stdin is not None
         self._stdin = self.proc.stdin
         self._send(_prelude(ctrl_w).encode())
-        if self._line(timeout=30.0) != b"ready":
+        try:
+            ready = self._line(timeout=30.0) == b"ready"
+        except SessionDied:
+            ready = False
+        if not ready:
+            why = self._errlog.read_text(errors="replace").strip()[-500:] or "no message"
             self.close()
-            raise SandboxError(
-                "the sandbox's shell did not start (is bubblewrap working? see corral doctor)"
-            )
+            raise SandboxError(f"the sandbox's shell did not start: {why} (see corral doctor)")
 
     def _send(self, data: bytes) -> None:
         try:
@@ -180,6 +186,7 @@ class ShellSession:
         self._stdin.close()
         self._ctrl.close()
         shutil.rmtree(self.io, ignore_errors=True)
+        self._errlog.unlink(missing_ok=True)
 
 
 # What one command's stdout or stderr may hand back; the rest is dropped, and said so.
