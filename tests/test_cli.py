@@ -209,3 +209,10 @@ def test_doctor_reports_each_layer(home: Path) -> None:
         layers["bubblewrap"]["ok"] and layers["user namespaces"]["ok"] and layers["seccomp"]["ok"]
     )
     assert r.returncode == 0
+
+
+def test_log_shows_execs_readably(home: Path, tmp_path: Path) -> None:
+    corral(home, "exec", "--workspace", str(tmp_path), "--", "exit 3")
+    lines = corral(home, "log").stdout.splitlines()
+    execs = [ln for ln in lines if " exec " in ln]
+    assert len(execs) == 1 and "exit 3" in execs[0] and "exit 3" in execs[0].split("s ", 1)[1]

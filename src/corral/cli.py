@@ -316,19 +316,43 @@ def _cmd_log(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _short(text: str, width: int = 70) -> str:
+    text = text.replace("\n", " ⏎ ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _format_record(rec: dict[str, Any]) -> str:
     import datetime as dt
 
     when = dt.datetime.fromtimestamp(rec["ts"]).strftime("%Y-%m-%d %H:%M:%S")
     body = rec.get("body") or {}
     head = f"#{rec['seq']:<6} {when} {rec['kind']:<8}"
+    step = f"step {rec['step']}" if rec.get("step") is not None else ""
     if rec["kind"] == "decision":
         d = body.get("decision", {})
         cmd = body.get("action", {}).get("payload", {}).get("command", "")
-        cmd = cmd.replace("\n", " ⏎ ")
-        cmd = cmd if len(cmd) <= 70 else cmd[:67] + "..."
-        return f"{head} {d.get('decision', '?'):<5} {d.get('category') or '-':<20} {cmd}"
-    return f"{head} {json.dumps(body)[:110]}"
+        return f"{head} {d.get('decision', '?'):<5} {d.get('category') or '-':<20} {_short(cmd)}"
+    if rec["kind"] == "exec":
+        what = body.get("command") or " ".join(map(str, body.get("argv", [])))
+        flags = " ".join(
+            label
+            for key, label in (
+                ("timed_out", "TIMEOUT"),
+                ("oom_killed", "OOM"),
+                ("pids_limited", "PIDS"),
+            )
+            if body.get(key)
+        )
+        return (
+            f"{head} exit {body.get('exit_code', '?'):<3} {body.get('duration_s', 0):8.3f}s "
+            f"{flags or step:<10} {_short(what, 60)}"
+        )
+    if rec["kind"] == "alert":
+        return (
+            f"{head} {body.get('severity', '?'):<5} {body.get('category', '?'):<20} "
+            f"{body.get('detector', '?')}: {_short(str(body.get('response') or ''), 60)}"
+        )
+    return f"{head} {_short(json.dumps(body), 110)}"
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
