@@ -42,10 +42,12 @@ _CACHE_ENTRIES = 4096
 _CACHE_TEXT = 512
 
 
-# Per program: its threat rules grouped by screen key, and the policy's argv rules for it.
+# Per program: its threat rules grouped by screen key, the policy's argv rules for it,
+# and whether it reads a script (its here-documents are then code, not data).
 _Plan = tuple[
     tuple[tuple["str | None", tuple[CompiledRule, ...]], ...],
     tuple[tuple["CommandRule", "re.Pattern[str] | None"], ...],
+    bool,
 ]
 
 
@@ -66,17 +68,15 @@ class Gate:
             spec.network, self.rules.metadata_hosts, self.rules.network_tools
         )
         self.argv_rules = [(r, r.argv_pattern()) for r in self.commands.rules]
-        hidden = [
-            path_glob_regex(h.rstrip("/")) + "|" + path_glob_regex(h.rstrip("/") + "/*")
-            for h in spec.filesystem.hidden
-        ]
-        self.hidden = re.compile("|".join(hidden)) if hidden else None
+        # "dir/*" matches the directory itself too, so one pattern covers both.
+        hidden = [path_glob_regex(h.rstrip("/") + "/*") for h in spec.filesystem.hidden]
+        self.hidden = re.compile("|".join(f"(?:{h})" for h in hidden)) if hidden else None
         self._writers = dict(self.rules.writers)
         self._screens = screening_regexes(self.rules.rules)
+        self._feed_rules = self.rules.feed_rules
         self._plans: dict[str, _Plan] = {}
         self._program_cache: dict[str, Finding | None] = {}
         self._script_globs = (*self.rules.interpreters, *self.rules.shells)
-        self._scripted: dict[str, bool] = {}
         self._decided: dict[str, Finding] = {}
 
     # -- public -------------------------------------------------------------------------
@@ -144,24 +144,22 @@ class Gate:
         why = f"the command could not be parsed: {error}"
         best: Finding | None = None
         for line in command[:100_000].splitlines():
-            words = tuple(w.strip("'\"`;(){}") for w in _WORDS.findall(line))
-            words = tuple(w for w in words if w)
+            words = tuple(w for w in (w.strip("'\"`;(){}") for w in _WORDS.findall(line)) if w)
             if not words:
                 continue
             inv = Invocation(argv=words, program=words[0].rsplit("/", 1)[-1])
-            view = InvocationView(inv, True)
-            for rule in self.rules.for_program(inv.program):
-                if rule_matches(rule, view, frozenset(), self._writers) is not None:
-                    f = Finding(
-                        Verdict.DENY,
-                        rule.id,
-                        rule.category,
-                        f"{why}; it also looks like this: {fill_reason(rule.reason, view, '')}",
-                        rule.priority,
-                    )
-                    if best is None or f.key() > best.key():
-                        best = f
-        return best or Finding(Verdict.DENY, "parse-error", None, why)
+            for f in self._judge_invocation(inv, frozenset()):
+                if f.category is not None and (best is None or f.key() > best.key()):
+                    best = f
+        if best is None:
+            return Finding(Verdict.DENY, "parse-error", None, why)
+        return Finding(
+            Verdict.DENY,
+            best.rule,
+            best.category,
+            f"{why}; it also looks like this: {best.reason}",
+            best.priority,
+        )
 
     def _findings(self, parsed: ParsedCommand) -> Iterator[Finding]:
         for feed in parsed.feeds:
@@ -185,15 +183,14 @@ class Gate:
     def _judge_feed(self, feed: ShellFeed) -> Finding | None:
         if feed.decoded is not None:
             return None
-        net_tools = self.rules.network_tools
         kind = (
             "network"
-            if any(p.program in net_tools or p.program in ("nc", "ncat") for p in feed.producers)
+            if any(p.program in self.rules.network_tools for p in feed.producers)
             else "encoded"
             if feed.encoding
             else None
         )
-        for rule in self.rules.feed_rules:
+        for rule in self._feed_rules:
             if rule.feed == kind:
                 return Finding(
                     rule.decision, rule.id, rule.category, f"{rule.reason} ({feed.reason})"
@@ -207,14 +204,11 @@ class Gate:
 
     def _judge_invocation(self, inv: Invocation, peers: frozenset[str]) -> Iterator[Finding]:
         program = inv.program
-        scripted = self._scripted.get(program)
-        if scripted is None:
-            scripted = self._scripted[program] = match_globs(program, self._script_globs)
-        view = InvocationView(inv, scripted)
         plan = self._plans.get(program)
         if plan is None:
             plan = self._plan(program)
-        groups, argv_rules = plan
+        groups, argv_rules, scripted = plan
+        view = InvocationView(inv, scripted)
         for key, rules in groups:
             # One screen decides for the whole group whether any of its rules can match.
             if key is not None and not self._screen(key, view):
@@ -266,6 +260,7 @@ class Gate:
                 for r, p in self.argv_rules
                 if not r.program or match_globs(program, r.program)
             ),
+            match_globs(program, self._script_globs),
         )
         if len(self._plans) < 8192:
             self._plans[program] = plan

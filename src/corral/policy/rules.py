@@ -8,11 +8,12 @@ silently never matches is a hole in the gate.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -151,32 +152,16 @@ class RuleSet:
     shells: frozenset[str]
     interpreters: tuple[str, ...]
     metadata_hosts: frozenset[str]
-    _by_program: dict[str, tuple[CompiledRule, ...]] = field(default_factory=dict, repr=False)
 
     def without(self, disabled: Iterable[str]) -> RuleSet:
         off = set(disabled)
         if not off:
             return self
-        return RuleSet(
-            self.version,
-            tuple(r for r in self.rules if r.id not in off),
-            self.lists,
-            self.network_tools,
-            self.writers,
-            self.builtins,
-            self.shells,
-            self.interpreters,
-            self.metadata_hosts,
-        )
+        return dataclasses.replace(self, rules=tuple(r for r in self.rules if r.id not in off))
 
     def for_program(self, program: str) -> tuple[CompiledRule, ...]:
-        """Rules that can match ``program`` (cached: the same names recur constantly)."""
-        hit = self._by_program.get(program)
-        if hit is None:
-            hit = tuple(r for r in self.rules if r.feed is None and r.program_matches(program))
-            if len(self._by_program) < 4096:
-                self._by_program[program] = hit
-        return hit
+        """The command rules that can match ``program`` (the gate caches the answer)."""
+        return tuple(r for r in self.rules if r.feed is None and r.program_matches(program))
 
     @property
     def feed_rules(self) -> tuple[CompiledRule, ...]:
