@@ -93,7 +93,7 @@ def test_a_sandbox_that_cannot_start_says_why(
 
     monkeypatch.setenv("CORRAL_HOME", str(tmp_path / "home"))
 
-    def broken(command: list[str], io_dir: Path, ctrl_fd: int) -> list[str]:
+    def broken(command: list[str], io_dir: Path) -> list[str]:
         return ["bwrap", "--no-such-option", "--", *command]
 
     with pytest.raises(CorralError, match="no-such-option"):

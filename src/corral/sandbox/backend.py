@@ -27,6 +27,11 @@ SANDBOX_HOME = "/tmp/home"
 EXIT_TIMEOUT = 124
 
 
+def exit_status(returncode: int) -> int:
+    """A process's status as a shell reports it: death by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 class SandboxError(CorralError, RuntimeError):
     """The sandbox could not be created or used (not: the command inside failed)."""
 

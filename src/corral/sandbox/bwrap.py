@@ -23,10 +23,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from corral.model import new_id
 from corral.sandbox import files, seccomp
-from corral.sandbox.backend import EXIT_TIMEOUT, SANDBOX_HOME, ExecResult, SandboxError, SandboxSpec
+from corral.sandbox.backend import (
+    EXIT_TIMEOUT,
+    SANDBOX_HOME,
+    ExecResult,
+    SandboxError,
+    SandboxSpec,
+    exit_status,
+)
 from corral.sandbox.cgroups import Cgroup, Limits, Usage
 from corral.sandbox.session import IO_DIR, ShellSession
 
@@ -152,7 +160,6 @@ def _hide(p: Path) -> list[str]:
 @dataclass
 class _Box:
     spec: SandboxSpec
-    created: float
     cgroup: Cgroup | None
     session: ShellSession | None = None
 
@@ -197,7 +204,7 @@ class BwrapBackend:
     def create(self, spec: SandboxSpec) -> str:
         sandbox_id = new_id()[:16]
         cgroup = Cgroup.create(sandbox_id, Limits(spec.memory, spec.pids, spec.cpus))
-        self._boxes[sandbox_id] = _Box(spec, time.time(), cgroup)
+        self._boxes[sandbox_id] = _Box(spec, cgroup)
         return sandbox_id
 
     def limits(self, sandbox_id: str) -> str:
@@ -212,6 +219,11 @@ class BwrapBackend:
         except KeyError:
             raise SandboxError(f"no open sandbox {sandbox_id}") from None
 
+    def _argv(self, box: _Box, argv: Sequence[str], **kw: Any) -> list[str]:
+        cmd = bwrap_argv(box.spec, argv, **kw)
+        cmd[0] = self.bwrap
+        return cmd
+
     def _preexec(self, box: _Box) -> Callable[[], None]:
         # In the cgroup before bubblewrap runs, so nothing it forks starts outside.
         return box.cgroup.enter if box.cgroup else _rlimits(box.spec)
@@ -223,10 +235,8 @@ class BwrapBackend:
             box.session.close()
         filter_fd = seccomp.filter_fd()
 
-        def argv_for(command: list[str], io_dir: Path, ctrl_fd: int) -> list[str]:
-            cmd = bwrap_argv(box.spec, command, seccomp_fd=filter_fd, io_dir=io_dir)
-            cmd[0] = self.bwrap
-            return cmd
+        def argv_for(command: list[str], io_dir: Path) -> list[str]:
+            return self._argv(box, command, seccomp_fd=filter_fd, io_dir=io_dir)
 
         try:
             box.session = ShellSession(argv_for, self._preexec(box), pass_fds=(filter_fd,))
@@ -285,8 +295,7 @@ class BwrapBackend:
     ) -> ExecResult:
         box = self._box(sandbox_id)
         filter_fd = seccomp.filter_fd()
-        cmd = bwrap_argv(box.spec, argv, cwd=cwd, seccomp_fd=filter_fd)
-        cmd[0] = self.bwrap
+        cmd = self._argv(box, argv, cwd=cwd, seccomp_fd=filter_fd)
         limit = box.spec.wall_time if timeout is None else timeout
         before = box.cgroup.usage() if box.cgroup else None
         start = time.perf_counter()
@@ -322,8 +331,7 @@ class BwrapBackend:
             out, err = proc.communicate()
             if box.cgroup:
                 box.cgroup.kill_all()
-        code = EXIT_TIMEOUT if timed_out else proc.returncode
-        code = 128 - code if code < 0 else code
+        code = EXIT_TIMEOUT if timed_out else exit_status(proc.returncode)
         return self._result(
             box, before, code, out or b"", err or b"", time.perf_counter() - start, timed_out
         )

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from corral.model import new_id
 from corral.paths import runtime_dir
-from corral.sandbox.backend import SandboxError
+from corral.sandbox.backend import SandboxError, exit_status
 
 IO_DIR = "/run/corral"
 
@@ -69,16 +69,17 @@ class SessionDied(SandboxError):
 class ShellSession:
     def __init__(
         self,
-        argv_for: Callable[[list[str], Path, int], list[str]],
+        argv_for: Callable[[list[str], Path], list[str]],
         preexec: Callable[[], None] | None,
         pass_fds: tuple[int, ...] = (),
     ) -> None:
-        """``argv_for(command, io_dir, ctrl_fd)`` builds the bubblewrap command line that
-        binds ``io_dir`` at ``/run/corral`` and runs ``command``."""
+        """``argv_for(command, io_dir)`` builds the bubblewrap command line that binds
+        ``io_dir`` at ``/run/corral`` and runs ``command``; ``pass_fds`` (and the control
+        pipe) are kept open across it."""
         # Not the shared /tmp: corral's own private directory.
         self.io = Path(tempfile.mkdtemp(prefix="io-", dir=runtime_dir()))
         ctrl_r, ctrl_w = os.pipe()
-        cmd = argv_for(["/bin/bash", "--noprofile", "--norc", "-s"], self.io, ctrl_w)
+        cmd = argv_for(["/bin/bash", "--noprofile", "--norc", "-s"], self.io)
         # bubblewrap's own complaints (a mount it cannot make) land here, host side.
         self._errlog = self.io.parent / f"{self.io.name}.err"
         try:
@@ -168,8 +169,7 @@ class ShellSession:
             # `exit` in the command, or a kill from outside: the shell's status is the
             # command's (bubblewrap passes its child's status on).
             ended = "exit"
-            code = self.proc.wait()
-            status = 128 - code if code < 0 else code
+            status = exit_status(self.proc.wait())
         out = _take(self.io / f"{cid}.out")
         err = _take(self.io / f"{cid}.err")
         (self.io / f"{cid}.cmd").unlink(missing_ok=True)
