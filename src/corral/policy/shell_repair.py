@@ -8,6 +8,8 @@ and reported as ``partial`` when ``bash -n`` accepts it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import tree_sitter as ts
 
 from corral.policy.shell import ts_parse
@@ -82,38 +84,36 @@ def _blank_heredocs(data: bytes, root: Node) -> bytes:
     return bytes(out)
 
 
+def _unquoted(data: bytes, i: int, stop: int) -> Iterator[int]:
+    """Positions in ``data[i:stop]`` outside quotes and not escaped by a backslash."""
+    quote = 0
+    while i < stop:
+        c = data[i]
+        if quote:
+            quote = 0 if c == quote else quote
+        elif c in b"'\"":
+            quote = c
+        elif c == 0x5C:
+            i += 1
+        else:
+            yield i
+        i += 1
+
+
 def _semicolons(out: bytearray, data: bytes, i: int, stop: int) -> None:
     """tree-sitter-bash cannot end a statement with ";" after a heredoc operator on the
     same line ("cat <<EOF > f; python f"); "&&" parses, and only makes the rest of the
     line conditional, which the walk treats conservatively."""
-    quote = 0
-    while i < stop - 1:
-        c = data[i]
-        if quote:
-            quote = 0 if c == quote else quote
-        elif c in b"'\"":
-            quote = c
-        elif c == 0x5C:
-            i += 1
-        elif c == 0x3B and data[i + 1] in b" \t" and data[i - 1] != 0x3B:
-            out[i : i + 2] = b"&&"
-        i += 1
+    for j in _unquoted(data, i, stop - 1):
+        if data[j] == 0x3B and data[j + 1] in b" \t" and data[j - 1] != 0x3B:
+            out[j : j + 2] = b"&&"
 
 
 def _word_end(data: bytes, i: int) -> int:
-    quote = 0
-    while i < len(data):
-        c = data[i]
-        if quote:
-            quote = 0 if c == quote else quote
-        elif c in b"'\"":
-            quote = c
-        elif c == 0x5C:
-            i += 1
-        elif c in b" \t\n;|&<>()":
-            break
-        i += 1
-    return min(i, len(data))
+    for j in _unquoted(data, i, len(data)):
+        if data[j] in b" \t\n;|&<>()":
+            return j
+    return len(data)
 
 
 def collect_redirect(node: Node, items: list[tuple[str, Node]]) -> None:
