@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -36,10 +37,16 @@ class Step:
     category: str | None
 
 
-def load_contained() -> list[Contained]:
+@functools.cache
+def _trajectory() -> dict[str, Any]:
     raw: dict[str, Any] = yaml.safe_load(
         resources.files("corral.demo").joinpath("trajectory.yaml").read_text()
     )
+    return raw
+
+
+def load_contained() -> list[Contained]:
+    raw = _trajectory()
     return [Contained(c["say"], c["command"], c["shows"]) for c in raw.get("contained", [])]
 
 
@@ -80,9 +87,7 @@ def replay_contained(console: Console, ledger: Ledger, run_id: str) -> list[str]
 
 
 def load_trajectory() -> tuple[str, str, list[Step]]:
-    raw: dict[str, Any] = yaml.safe_load(
-        resources.files("corral.demo").joinpath("trajectory.yaml").read_text()
-    )
+    raw = _trajectory()
     steps = [Step(s["say"], s["command"], s["expect"], s.get("category")) for s in raw["steps"]]
     return raw["task"], raw["run_id"], steps
 
