@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,10 +82,14 @@ def test_closing_leaves_no_process_cgroup_or_mount(tmp_path: Path) -> None:
     mounts_before = Path("/proc/self/mountinfo").read_text()
     with Ledger.memory() as ledger:
         sb = Sandbox(LIMITED, tmp_path, gate=False, ledger=ledger)
-        dirs = _cgroup_dirs(sb)
-        assert dirs and all(d.is_dir() for d in dirs)
         r = sb.run("setsid nohup sleep 1000.25 > /dev/null 2>&1 & echo started", timeout=10)
         assert r.stdout == "started\n"
+        dirs = _cgroup_dirs(sb)  # made with the sandbox's first process
+        assert dirs and all(d.is_dir() for d in dirs)
+        deadline = time.monotonic() + 5
+        while not _procs_matching("sleep 1000.25") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _procs_matching("sleep 1000.25")  # the daemon runs before the close
         sb.close()
     assert _procs_matching("sleep 1000.25") == []
     assert not any(d.exists() for d in dirs)

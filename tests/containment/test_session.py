@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,13 +90,18 @@ def test_a_sandbox_that_cannot_start_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from corral.errors import CorralError
+    from corral.sandbox.launch import Launched, launch
     from corral.sandbox.session import ShellSession
 
     monkeypatch.setenv("CORRAL_HOME", str(tmp_path / "home"))
 
-    def broken(command: list[str], io_dir: Path) -> list[str]:
-        return ["bwrap", "--no-such-option", "--", *command]
+    def broken(command: list[str], io_dir: Path, **popen: Any) -> Launched:
+        return launch(
+            lambda info, block: ["bwrap", "--no-such-option", "--", *command],
+            lambda pid: None,
+            **popen,
+        )
 
     with pytest.raises(CorralError, match="no-such-option"):
-        ShellSession(broken, None)
+        ShellSession(broken)
     assert list((tmp_path / "home" / "run").iterdir()) == []  # nothing left behind

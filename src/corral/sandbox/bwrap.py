@@ -17,10 +17,10 @@ import os
 import resource
 import shlex
 import shutil
-import signal
+import stat
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from corral.sandbox.backend import (
     exit_status,
 )
 from corral.sandbox.cgroups import Cgroup, Limits, Usage
+from corral.sandbox.launch import Launched, launch
 from corral.sandbox.session import IO_DIR, ShellSession
 
 # Paths mounted empty and read-only: the host's runtime sockets (docker, containerd,
@@ -74,8 +75,13 @@ def bwrap_argv(
     seccomp_fd: int | None = None,
     dev: Path = Path("/dev"),
     io_dir: Path | None = None,
+    info_fd: int | None = None,
+    block_fd: int | None = None,
 ) -> list[str]:
-    """bubblewrap's command line for running ``argv`` in a sandbox built from ``spec``."""
+    """bubblewrap's command line for running ``argv`` in a sandbox built from ``spec``.
+
+    ``info_fd`` and ``block_fd`` let the launcher confine the sandbox process before it
+    runs anything (``launch.py``)."""
     ws = str(spec.workspace)
     args = [
         "bwrap",
@@ -117,15 +123,16 @@ def bwrap_argv(
                 # The session's hand-over directory, bound before /run turns read-only.
                 args += ["--bind", str(io_dir), IO_DIR]
             args += ["--remount-ro", path]
-    covered = [Path(p) for p in (*_EMPTY_RO, "/dev")]
-    for p in sorted(spec.hidden, key=lambda x: len(x.parts)):
+    # Plain strings: this runs for every sandbox, and the policy may hide many paths.
+    covered = [*_EMPTY_RO, "/dev"]
+    for hidden in sorted(map(str, spec.hidden), key=lambda x: x.count("/")):
         # Already invisible under an emptied parent; mounting into it would fail.
-        if any(p.is_relative_to(c) for c in covered):
+        if any(hidden == c or hidden.startswith(c + "/") for c in covered):
             continue
-        hide = _hide(p)
+        hide = _hide(hidden)
         if hide:
             args += hide
-            covered.append(p)
+            covered.append(hidden)
     for p in spec.read_only:
         if p.exists():
             args += ["--ro-bind", str(p), str(p)]
@@ -143,36 +150,50 @@ def bwrap_argv(
         args += ["--setenv", key, value]
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:
+        args += ["--info-fd", str(info_fd)]
+    if block_fd is not None:
+        args += ["--block-fd", str(block_fd)]
     args += ["--chdir", cwd or ws, "--", *argv]
     return args
 
 
-def _hide(p: Path) -> list[str]:
+def _hide(p: str) -> list[str]:
     # Hiding a parent of the workspace (/root when the workspace lives there) still
     # hides the rest of it: the workspace is bound back on top afterwards.
-    if p.is_symlink() or not p.exists():
+    try:
+        mode = os.lstat(p).st_mode
+    except OSError:
         return []
-    if p.is_dir():
-        return ["--tmpfs", str(p), "--remount-ro", str(p)]
-    return ["--ro-bind", "/dev/null", str(p)]
+    if stat.S_ISLNK(mode):
+        return []
+    if stat.S_ISDIR(mode):
+        return ["--tmpfs", p, "--remount-ro", p]
+    return ["--ro-bind", "/dev/null", p]
 
 
 @dataclass
 class _Box:
     spec: SandboxSpec
-    cgroup: Cgroup | None
+    cgroup: Cgroup | None = None
+    cgroup_tried: bool = False
     session: ShellSession | None = None
 
+    def ensure_cgroup(self, name: str) -> Cgroup | None:
+        """Made on first use (while the first bubblewrap builds its mounts), then kept
+        for the sandbox's life, across shell restarts."""
+        if not self.cgroup_tried:
+            self.cgroup_tried = True
+            spec = self.spec
+            self.cgroup = Cgroup.create(name, Limits(spec.memory, spec.pids, spec.cpus))
+        return self.cgroup
 
-def _rlimits(spec: SandboxSpec) -> Callable[[], None]:
+
+def _set_rlimits(pid: int, spec: SandboxSpec) -> None:
     """Fallback when no cgroup can be made: per-process limits, weaker (RLIMIT_NPROC
     counts the user's processes, not the sandbox's; root ignores it)."""
-
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (spec.memory, spec.memory))
-        resource.setrlimit(resource.RLIMIT_NPROC, (spec.pids, spec.pids))
-
-    return apply
+    resource.prlimit(pid, resource.RLIMIT_AS, (spec.memory, spec.memory))
+    resource.prlimit(pid, resource.RLIMIT_NPROC, (spec.pids, spec.pids))
 
 
 def _raise_fd_limit() -> None:
@@ -203,14 +224,13 @@ class BwrapBackend:
 
     def create(self, spec: SandboxSpec) -> str:
         sandbox_id = new_id()[:16]
-        cgroup = Cgroup.create(sandbox_id, Limits(spec.memory, spec.pids, spec.cpus))
-        self._boxes[sandbox_id] = _Box(spec, cgroup)
+        self._boxes[sandbox_id] = _Box(spec)
         return sandbox_id
 
     def limits(self, sandbox_id: str) -> str:
         """How this sandbox's resources are limited: ``cgroup-v1``, ``cgroup-v2`` or
         ``rlimit`` (no cgroup could be made; weaker)."""
-        cg = self._box(sandbox_id).cgroup
+        cg = self._box(sandbox_id).ensure_cgroup(sandbox_id)
         return f"cgroup-{cg.version}" if cg else "rlimit"
 
     def _box(self, sandbox_id: str) -> _Box:
@@ -219,29 +239,64 @@ class BwrapBackend:
         except KeyError:
             raise SandboxError(f"no open sandbox {sandbox_id}") from None
 
-    def _argv(self, box: _Box, argv: Sequence[str], **kw: Any) -> list[str]:
-        cmd = bwrap_argv(box.spec, argv, **kw)
-        cmd[0] = self.bwrap
-        return cmd
+    def _launch(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        *,
+        cwd: str | None = None,
+        io_dir: Path | None = None,
+        pass_fds: Sequence[int] = (),
+        **popen: Any,
+    ) -> Launched:
+        """A bubblewrap for this sandbox running ``argv``, in the sandbox's cgroup (or
+        under rlimits) before it runs anything."""
+        box = self._box(sandbox_id)
+        filter_fd = seccomp.filter_fd()
 
-    def _preexec(self, box: _Box) -> Callable[[], None]:
-        # In the cgroup before bubblewrap runs, so nothing it forks starts outside.
-        return box.cgroup.enter if box.cgroup else _rlimits(box.spec)
+        def build(info_fd: int, block_fd: int) -> list[str]:
+            cmd = bwrap_argv(
+                box.spec,
+                argv,
+                cwd=cwd,
+                seccomp_fd=filter_fd,
+                io_dir=io_dir,
+                info_fd=info_fd,
+                block_fd=block_fd,
+            )
+            cmd[0] = self.bwrap
+            return cmd
 
-    def _session(self, box: _Box) -> ShellSession:
+        def confine(pid: int) -> None:
+            if box.cgroup:
+                box.cgroup.add(pid)
+            else:
+                _set_rlimits(pid, box.spec)
+
+        try:
+            return launch(
+                build,
+                confine,
+                # The filter's descriptor is read and closed by bubblewrap before the
+                # command starts: nothing but stdio (and pass_fds) crosses in.
+                pass_fds=(filter_fd, *pass_fds),
+                prepare=lambda: box.ensure_cgroup(sandbox_id),
+                **popen,
+            )
+        finally:
+            os.close(filter_fd)
+
+    def _session(self, sandbox_id: str) -> ShellSession:
+        box = self._box(sandbox_id)
         if box.session is not None and box.session.alive:
             return box.session
         if box.session is not None:
             box.session.close()
-        filter_fd = seccomp.filter_fd()
 
-        def argv_for(command: list[str], io_dir: Path) -> list[str]:
-            return self._argv(box, command, seccomp_fd=filter_fd, io_dir=io_dir)
+        def spawn(command: list[str], io_dir: Path, **popen: Any) -> Launched:
+            return self._launch(sandbox_id, command, io_dir=io_dir, **popen)
 
-        try:
-            box.session = ShellSession(argv_for, self._preexec(box), pass_fds=(filter_fd,))
-        finally:
-            os.close(filter_fd)
+        box.session = ShellSession(spawn)
         return box.session
 
     def exec(
@@ -269,7 +324,7 @@ class BwrapBackend:
         and background jobs carry over to the next command."""
         box = self._box(sandbox_id)
         limit = box.spec.wall_time if timeout is None else timeout
-        session = self._session(box)
+        session = self._session(sandbox_id)
         before = box.cgroup.usage() if box.cgroup else None
         start = time.perf_counter()
         o = session.run(command, limit)
@@ -294,43 +349,32 @@ class BwrapBackend:
         stream: bool,
     ) -> ExecResult:
         box = self._box(sandbox_id)
-        filter_fd = seccomp.filter_fd()
-        cmd = self._argv(box, argv, cwd=cwd, seccomp_fd=filter_fd)
         limit = box.spec.wall_time if timeout is None else timeout
         before = box.cgroup.usage() if box.cgroup else None
         start = time.perf_counter()
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                # stream: the caller's stdio (a whole agent, `corral run`); else captured.
-                stdin=None
-                if stream
-                else subprocess.PIPE
-                if stdin is not None
-                else subprocess.DEVNULL,
-                stdout=None if stream else subprocess.PIPE,
-                stderr=None if stream else subprocess.PIPE,
-                # Nothing but stdio crosses into the sandbox; the filter's descriptor is
-                # read and closed by bubblewrap before the command starts.
-                close_fds=True,
-                pass_fds=(filter_fd,),
-                start_new_session=True,
-                preexec_fn=self._preexec(box),
-                env={"PATH": "/usr/bin:/bin"},
-            )
-        finally:
-            os.close(filter_fd)
+        launched = self._launch(
+            sandbox_id,
+            argv,
+            cwd=cwd,
+            # stream: the caller's stdio (a whole agent, `corral run`); else captured.
+            stdin=None if stream else subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=None if stream else subprocess.PIPE,
+            stderr=None if stream else subprocess.PIPE,
+        )
+        proc = launched.proc
+        if before is None and box.cgroup:  # made just now, for this command
+            before = Usage(None, 0.0, 0, 0)
         timed_out = False
         try:
             out, err = proc.communicate(None if stream else stdin, timeout=limit)
         except subprocess.TimeoutExpired:
             timed_out = True
-            # bwrap is the session leader; killing its group takes the sandbox's pid 1
-            # with it, and a pid namespace dies with its pid 1.
-            os.killpg(proc.pid, signal.SIGKILL)
+            launched.kill()
             out, err = proc.communicate()
             if box.cgroup:
                 box.cgroup.kill_all()
+        finally:
+            launched.release()
         code = EXIT_TIMEOUT if timed_out else exit_status(proc.returncode)
         return self._result(
             box, before, code, out or b"", err or b"", time.perf_counter() - start, timed_out

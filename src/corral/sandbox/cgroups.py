@@ -10,8 +10,9 @@ Both hierarchies are supported:
 - v1 (one hierarchy per controller, what the development machine has): a directory in
   each of ``memory``, ``pids`` and ``cpu,cpuacct`` under corral's own cgroup there.
 
-The sandbox's processes are placed in the cgroup by the launcher before bubblewrap is
-exec'd, so nothing it forks can start outside. Memory written to the sandbox's /tmp and
+bubblewrap's sandbox process is placed in the cgroup while it waits on ``--block-fd``,
+after building the sandbox and before running anything in it, so nothing the sandbox runs
+starts outside. Memory written to the sandbox's /tmp and
 /dev/shm (tmpfs) is charged to the cgroup of the process that writes it, so it counts
 against the same limit. When no cgroup can be made, ``create`` returns None and the
 caller says so (``corral doctor`` reports it); nothing pretends to limit.
@@ -73,7 +74,8 @@ class Cgroup:
     dirs: list[Path]
     limits: Limits
     procs_files: list[Path] = field(default_factory=list)
-    _fds: dict[Path, int] = field(default_factory=dict)
+    _fds: dict[str, int] = field(default_factory=dict)
+    _counter_paths: tuple[str, ...] = ()
 
     @classmethod
     def create(cls, name: str, limits: Limits, root: Path = CGROUP_ROOT) -> Cgroup | None:
@@ -136,12 +138,11 @@ class Cgroup:
             raise
         return cls("v1", dirs, limits, [d / "cgroup.procs" for d in dirs])
 
-    def enter(self) -> None:
-        """Move the calling process in: run in the launcher's child before exec."""
-        pid = str(os.getpid())
+    def add(self, pid: int) -> None:
+        """Move a process in (its threads and later children follow)."""
         for f in self.procs_files:
             with open(f, "w") as fh:
-                fh.write(pid)
+                fh.write(str(pid))
 
     def pids(self) -> list[int]:
         out: set[int] = set()
@@ -150,7 +151,7 @@ class Cgroup:
                 out.update(int(x) for x in f.read_text().split())
         return sorted(out)
 
-    def _read(self, path: Path) -> str:
+    def _read(self, path: str) -> str:
         """A counter file's text. Its descriptor stays open and is re-read from offset 0,
         about twenty times cheaper than opening it again (read before and after every
         command)."""
@@ -166,28 +167,40 @@ class Cgroup:
         except OSError:
             return ""
 
+    def _counters(self) -> tuple[str, ...]:
+        # Strings, joined once: usage() runs twice per command.
+        if not self._counter_paths:
+            if self.version == "v2":
+                d = self.dirs[0]
+                names = ("memory.events", "memory.peak", "cpu.stat", "pids.events")
+                self._counter_paths = tuple(str(d / n) for n in names)
+            else:
+                mem, pids = self.dirs[:2]
+                acct = next((d for d in self.dirs[2:] if (d / "cpuacct.usage").exists()), mem)
+                self._counter_paths = (
+                    str(mem / "memory.oom_control"),
+                    str(mem / "memory.max_usage_in_bytes"),
+                    str(acct / "cpuacct.usage"),
+                    str(pids / "pids.events"),
+                )
+        return self._counter_paths
+
     def usage(self) -> Usage:
+        events, peak, cpu, pids = (self._read(p) for p in self._counters())
         if self.version == "v2":
-            d = self.dirs[0]
-            events = _kv(self._read(d / "memory.events"))
-            peak = _int(self._read(d / "memory.peak"))
-            cpu = _kv(self._read(d / "cpu.stat")).get("usage_usec")
+            usec = _kv(cpu).get("usage_usec")
             return Usage(
-                peak,
-                cpu / 1e6 if cpu is not None else None,
-                events.get("oom_kill", 0),
-                _kv(self._read(d / "pids.events")).get("max", 0),
+                _int(peak),
+                usec / 1e6 if usec is not None else None,
+                _kv(events).get("oom_kill", 0),
+                _kv(pids).get("max", 0),
             )
-        mem, pids = self.dirs[:2]
-        cpu_ns = next(
-            (v for d in self.dirs[2:] if (v := _int(self._read(d / "cpuacct.usage"))) is not None),
-            None,
-        )
+        ns = _int(cpu)
         return Usage(
-            _int(self._read(mem / "memory.max_usage_in_bytes")),
-            cpu_ns / 1e9 if cpu_ns is not None else None,
-            _kv(self._read(mem / "memory.oom_control")).get("oom_kill", 0),
-            _kv(self._read(pids / "pids.events")).get("max", 0),
+            _int(peak),
+            ns / 1e9 if ns is not None else None,
+            _kv(events).get("oom_kill", 0),
+            _kv(pids).get("max", 0),
         )
 
     def kill_all(self, timeout: float = 5.0) -> None:

@@ -24,7 +24,6 @@ import contextlib
 import os
 import select
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from corral.model import new_id
 from corral.paths import runtime_dir
 from corral.sandbox.backend import SandboxError, exit_status
+from corral.sandbox.launch import Launched
 
 IO_DIR = "/run/corral"
 
@@ -67,50 +67,47 @@ class SessionDied(SandboxError):
 
 
 class ShellSession:
-    def __init__(
-        self,
-        argv_for: Callable[[list[str], Path], list[str]],
-        preexec: Callable[[], None] | None,
-        pass_fds: tuple[int, ...] = (),
-    ) -> None:
-        """``argv_for(command, io_dir)`` builds the bubblewrap command line that binds
-        ``io_dir`` at ``/run/corral`` and runs ``command``; ``pass_fds`` (and the control
-        pipe) are kept open across it."""
+    def __init__(self, spawn: Callable[..., Launched]) -> None:
+        """``spawn(command, io_dir, **popen)`` starts a bubblewrap that binds ``io_dir``
+        at ``/run/corral`` and runs ``command``, keeping ``popen["pass_fds"]`` open."""
         # Not the shared /tmp: corral's own private directory.
         self.io = Path(tempfile.mkdtemp(prefix="io-", dir=runtime_dir()))
         ctrl_r, ctrl_w = os.pipe()
-        cmd = argv_for(["/bin/bash", "--noprofile", "--norc", "-s"], self.io)
         # bubblewrap's own complaints (a mount it cannot make) land here, host side.
         self._errlog = self.io.parent / f"{self.io.name}.err"
         try:
             with open(self._errlog, "wb") as errlog:
-                self.proc = subprocess.Popen(
-                    cmd,
+                self.launched = spawn(
+                    ["/bin/bash", "--noprofile", "--norc", "-s"],
+                    self.io,
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=errlog,
-                    close_fds=True,
-                    pass_fds=(ctrl_w, *pass_fds),
-                    start_new_session=True,
-                    preexec_fn=preexec,
-                    env={"PATH": "/usr/bin:/bin"},
+                    pass_fds=(ctrl_w,),
                 )
+        except BaseException:
+            os.close(ctrl_r)
+            shutil.rmtree(self.io, ignore_errors=True)
+            self._errlog.unlink(missing_ok=True)
+            raise
         finally:
             os.close(ctrl_w)
+        self.proc = self.launched.proc
         self._ctrl = os.fdopen(ctrl_r, "rb", buffering=0)
         self._poll = select.poll()
         self._poll.register(ctrl_r, select.POLLIN)
         self._buf = b""
+        self._why = "no message"
         assert self.proc.stdin is not None
         self._stdin = self.proc.stdin
-        self._send(_prelude(ctrl_w).encode())
         try:
+            self._send(_prelude(ctrl_w).encode())
             ready = self._line(timeout=30.0) == b"ready"
         except SessionDied:
             ready = False
         if not ready:
-            why = self._errlog.read_text(errors="replace").strip()[-500:] or "no message"
             self.close()
+            why = self._why
             raise SandboxError(f"the sandbox's shell did not start: {why} (see corral doctor)")
 
     def _send(self, data: bytes) -> None:
@@ -150,7 +147,12 @@ class ShellSession:
     def run(self, command: str, timeout: float | None) -> Outcome:
         """Run one command and collect what it wrote."""
         cid = new_id()
-        (self.io / f"{cid}.cmd").write_bytes(command.encode("utf-8", "surrogateescape"))
+        base = f"{self.io}/{cid}"
+        fd = os.open(f"{base}.cmd", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, command.encode("utf-8", "surrogateescape"))
+        finally:
+            os.close(fd)
         status: int | None = None
         ended: str | None = None
         try:
@@ -170,21 +172,21 @@ class ShellSession:
             # command's (bubblewrap passes its child's status on).
             ended = "exit"
             status = exit_status(self.proc.wait())
-        out = _take(self.io / f"{cid}.out")
-        err = _take(self.io / f"{cid}.err")
-        (self.io / f"{cid}.cmd").unlink(missing_ok=True)
+        out = _take(f"{base}.out")
+        err = _take(f"{base}.err")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{base}.cmd")
         if ended == "exit":
             self.close()
         return Outcome(status, out, err, ended)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            # bwrap leads the session's process group; its pid namespace dies with it.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self._stdin.close()
+        self.launched.kill()
+        with contextlib.suppress(OSError):  # unsent input to a shell already gone
+            self._stdin.close()
         self._ctrl.close()
+        with contextlib.suppress(OSError):
+            self._why = self._errlog.read_text(errors="replace").strip()[-500:] or "no message"
         shutil.rmtree(self.io, ignore_errors=True)
         self._errlog.unlink(missing_ok=True)
 
@@ -193,14 +195,22 @@ class ShellSession:
 OUTPUT_LIMIT = 16 << 20
 
 
-def _take(path: Path) -> bytes:
+def _take(path: str) -> bytes:
     limit = OUTPUT_LIMIT
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return b""
-    path.unlink(missing_ok=True)
+    try:
+        os.unlink(path)
+        chunks = []
+        size = 0
+        while size <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     if len(data) > limit:
         return data[:limit] + f"\n[corral: output cut at {limit} bytes]\n".encode()
     return data

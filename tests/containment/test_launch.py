@@ -1,0 +1,117 @@
+"""Nothing runs in a sandbox before its limits are on, and a failure to set them is fatal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from corral.ledger import Ledger
+from corral.policy import Policy
+from corral.sandbox import Sandbox, cgroups
+from corral.sandbox.backend import SandboxError
+from corral.sandbox.launch import launch
+
+from .test_sandbox import OPEN_GATE
+
+
+def _bwrap(marker: Path) -> list[str]:
+    return [
+        "bwrap",
+        "--unshare-all",
+        "--die-with-parent",
+        "--ro-bind",
+        "/",
+        "/",
+        "--bind",
+        str(marker.parent),
+        str(marker.parent),
+    ]
+
+
+def test_a_failed_confinement_kills_the_sandbox_before_it_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    seen: list[int] = []
+
+    def confine(pid: int) -> None:
+        seen.append(pid)
+        raise PermissionError(13, "Permission denied", "/sys/fs/cgroup/x/cgroup.procs")
+
+    with pytest.raises(SandboxError, match="could not put the sandbox under its limits"):
+        launch(
+            lambda info, block: [
+                *_bwrap(marker),
+                "--info-fd",
+                str(info),
+                "--block-fd",
+                str(block),
+                "touch",
+                str(marker),
+            ],
+            confine,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    assert seen and not marker.exists()
+    assert not Path(f"/proc/{seen[0]}").exists()
+
+
+def test_confinement_happens_before_the_command_starts(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    order: list[str] = []
+
+    def confine(pid: int) -> None:
+        # The sandbox process exists but is held before running the command.
+        order.append("confined" if not marker.exists() else "too late")
+
+    launched = launch(
+        lambda info, block: [
+            *_bwrap(marker),
+            "--info-fd",
+            str(info),
+            "--block-fd",
+            str(block),
+            "touch",
+            str(marker),
+        ],
+        confine,
+    )
+    assert launched.proc.wait() == 0
+    launched.release()
+    assert order == ["confined"] and marker.exists()
+
+
+def test_without_a_cgroup_the_sandbox_runs_under_rlimits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cgroups.Cgroup, "create", classmethod(lambda cls, *a, **k: None))
+    policy = Policy.from_dict({"version": 1, "extends": "strict", "resources": {"memory": "300Mi"}})
+    with Ledger.memory() as ledger, Sandbox(policy, tmp_path, gate=False, ledger=ledger) as sb:
+        r = sb.run("ulimit -v")
+        assert sb.backend.limits(sb.id) == "rlimit"  # type: ignore[attr-defined]
+    assert r.stdout.strip() == str(300 * 1024)
+
+
+def test_closing_waits_for_every_process_in_the_namespace(tmp_path: Path) -> None:
+    with Ledger.memory() as ledger:
+        sb = Sandbox(OPEN_GATE, tmp_path, gate=False, ledger=ledger)
+        r = sb.run("for i in 1 2 3; do setsid sleep 1000.5 & done; echo $!")
+        assert r.exit_code == 0
+        session = sb.backend._boxes[sb.id].session  # type: ignore[attr-defined]
+        init = session.launched.init
+        assert init is not None
+        sb.close()
+    # Straight after close, not eventually: close returned only once they were gone.
+    left = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if b"1000.5" in (p / "cmdline").read_bytes():
+                    left.append(p.name)
+            except OSError:
+                pass
+    assert left == []
+    with pytest.raises(OSError):
+        os.fstat(init)  # the pidfd was released
