@@ -2,12 +2,18 @@
 
 This machine runs cgroup v1 (tested for real in test_resources.py); v2 cannot be mounted
 beside it with the controllers it needs, so the v2 path's file protocol is checked here
-on a plain directory. What the kernel does with those files is not simulated."""
+on a plain directory, and what v2 does with processes on a real cgroup2 mount (which
+has no memory, pids or cpu controller on a v1 host)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from corral.sandbox import cgroups
 from corral.sandbox.cgroups import Cgroup, Limits
@@ -61,3 +67,49 @@ def test_v2_usage_reads_events_and_stats(tmp_path: Path) -> None:
 
 def test_no_cgroup_hierarchy_means_none_not_a_pretend_limit(tmp_path: Path) -> None:
     assert Cgroup.create("x", Limits(1 << 30, 10, 1.0), root=tmp_path / "missing") is None
+
+
+@pytest.fixture
+def cgroup2_mount(tmp_path: Path) -> Iterator[Path]:
+    """The kernel's own cgroup v2 hierarchy, mounted beside this machine's v1 one. On a
+    v1 host the memory, pids and cpu controllers stay with v1, so this checks what v2
+    does with processes (moving them in, cgroup.kill, removal), not its limits."""
+    mnt = tmp_path / "cgroup2"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "cgroup2", "none", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting cgroup2 needs root")
+def test_v2_kernel_moves_a_sandbox_in_and_kills_it_whole(cgroup2_mount: Path) -> None:
+    d = cgroup2_mount / "corral-v2test"
+    d.mkdir()
+    cg = Cgroup("v2", [d], Limits(1 << 30, 10, 1.0), [d / "cgroup.procs"])
+    # A leader and a daemon it starts in a new session: both must go.
+    proc = subprocess.Popen(["sh", "-c", "setsid sleep 1000.75 & exec sleep 1000.75"])
+    try:
+        cg.add(proc.pid)
+        deadline = time.monotonic() + 5
+        while len(cg.pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        members = cg.pids()
+        assert proc.pid in members and len(members) == 2
+        cg.remove()  # cgroup.kill, then rmdir
+        assert proc.wait(timeout=5) == -9
+        assert not d.exists()
+        for pid in members:
+            assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
