@@ -16,6 +16,14 @@ if [ "${1:-}" = "--test" ]; then
   command -v ip >/dev/null || need+=(iproute2)
   command -v strace >/dev/null || need+=(strace)
   command -v unshare >/dev/null || need+=(util-linux)
+  # The egress proxy's tests run real servers and real clients (tests/egress/servers.py).
+  command -v openssl >/dev/null || need+=(openssl)
+  command -v curl >/dev/null || need+=(curl)
+  command -v git >/dev/null || need+=(git)
+  command -v ssh >/dev/null || need+=(openssh-client)
+  [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  command -v dig >/dev/null || need+=(dnsutils)
+  command -v nc >/dev/null || need+=(netcat-openbsd)
 fi
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -85,13 +85,20 @@ def cgroup2_mount(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting cgroup2 needs root")
 def test_v2_kernel_moves_a_sandbox_in_and_kills_it_whole(cgroup2_mount: Path) -> None:
-    d = cgroup2_mount / "corral-v2test"
+    # One unified hierarchy per kernel: every mount of it shows the same directories.
+    d = cgroup2_mount / f"corral-v2test-{os.getpid()}-{time.monotonic_ns()}"
     d.mkdir()
     cg = Cgroup("v2", [d], Limits(1 << 30, 10, 1.0), [d / "cgroup.procs"])
     # A leader and a daemon it starts in a new session: both must go.
-    proc = subprocess.Popen(["sh", "-c", "setsid sleep 1000.75 & exec sleep 1000.75"])
+    # It waits for a line before starting anything, so the daemon is born inside.
+    proc = subprocess.Popen(
+        ["sh", "-c", "read go; setsid sleep 1000.75 & exec sleep 1000.75"], stdin=subprocess.PIPE
+    )
     try:
         cg.add(proc.pid)
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.close()
         deadline = time.monotonic() + 5
         while len(cg.pids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)

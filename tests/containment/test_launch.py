@@ -12,7 +12,7 @@ from corral.ledger import Ledger
 from corral.policy import Policy
 from corral.sandbox import Sandbox, cgroups
 from corral.sandbox.backend import SandboxError
-from corral.sandbox.launch import launch
+from corral.sandbox.launch import Launched, launch
 
 from .test_sandbox import OPEN_GATE
 
@@ -35,7 +35,7 @@ def test_a_failed_confinement_kills_the_sandbox_before_it_runs(tmp_path: Path) -
     marker = tmp_path / "ran"
     seen: list[int] = []
 
-    def confine(pid: int) -> None:
+    def confine(pid: int, launched: Launched) -> None:
         seen.append(pid)
         raise PermissionError(13, "Permission denied", "/sys/fs/cgroup/x/cgroup.procs")
 
@@ -62,7 +62,7 @@ def test_confinement_happens_before_the_command_starts(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     order: list[str] = []
 
-    def confine(pid: int) -> None:
+    def confine(pid: int, launched: Launched) -> None:
         # The sandbox process exists but is held before running the command.
         order.append("confined" if not marker.exists() else "too late")
 

@@ -98,7 +98,7 @@ def test_a_sandbox_that_cannot_start_says_why(
     def broken(command: list[str], io_dir: Path, **popen: Any) -> Launched:
         return launch(
             lambda info, block: ["bwrap", "--no-such-option", "--", *command],
-            lambda pid: None,
+            lambda pid, launched: None,
             **popen,
         )
 

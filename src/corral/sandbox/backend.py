@@ -8,10 +8,10 @@ behind the same protocol, selected by name in ``get_backend``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from corral.errors import CorralError
 
@@ -26,10 +26,34 @@ SANDBOX_HOME = "/tmp/home"
 
 EXIT_TIMEOUT = 124
 
+# Where a sandbox with a network finds the egress proxy (on its own loopback; see
+# sandbox/netns.py), in the variables and tool settings that programs read. Loopback stays
+# local: a server the agent runs inside is reached directly.
+HTTP_PROXY_URL = "http://127.0.0.1:3128"
+SOCKS_PROXY_URL = "socks5h://127.0.0.1:1080"
+PROXY_ENV = {
+    "HTTP_PROXY": HTTP_PROXY_URL,
+    "HTTPS_PROXY": HTTP_PROXY_URL,
+    "http_proxy": HTTP_PROXY_URL,
+    "https_proxy": HTTP_PROXY_URL,
+    "ALL_PROXY": SOCKS_PROXY_URL,
+    "all_proxy": SOCKS_PROXY_URL,
+    "NO_PROXY": "localhost,127.0.0.1,::1",
+    "no_proxy": "localhost,127.0.0.1,::1",
+    "PIP_PROXY": HTTP_PROXY_URL,
+    # git reads configuration from the environment too (git >= 2.31).
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "http.proxy",
+    "GIT_CONFIG_VALUE_0": HTTP_PROXY_URL,
+}
+
 
 def exit_status(returncode: int) -> int:
     """A process's status as a shell reports it: death by signal N is 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+EventSink = Callable[[dict[str, Any]], None]
 
 
 class SandboxError(CorralError, RuntimeError):
@@ -52,6 +76,10 @@ class SandboxSpec:
     cpus: float = 2.0
     gpus: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
+    # The policy's network section when it has one (network.mode: proxy): the sandbox then
+    # gets the egress proxy's endpoints on its loopback. None: loopback and nothing else.
+    network: Mapping[str, Any] | None = None
+    policy_name: str = ""
 
     @classmethod
     def from_policy(
@@ -79,6 +107,10 @@ class SandboxSpec:
         )
         env = {k: host_env[k] for k in ENV_PASSTHROUGH if k in host_env}
         env.update({"PATH": SANDBOX_PATH, "HOME": SANDBOX_HOME, "TMPDIR": "/tmp"})
+        net = policy.spec.network
+        network = net.model_dump(mode="json") if net.mode == "proxy" else None
+        if network is not None:
+            env.update(PROXY_ENV)
         return cls(
             workspace=ws,
             hidden=tuple(host_path(p) for p in fs.hidden),
@@ -92,6 +124,8 @@ class SandboxSpec:
             cpus=policy.spec.resources.cpus,
             gpus=policy.spec.resources.gpus,
             env=env,
+            network=network,
+            policy_name=policy.name,
         )
 
 
@@ -116,8 +150,11 @@ class Backend(Protocol):
 
     name: str
 
-    def create(self, spec: SandboxSpec) -> str:
-        """Make a sandbox; returns its id."""
+    def create(self, spec: SandboxSpec, on_event: EventSink | None = None) -> str:
+        """Make a sandbox; returns its id. ``on_event`` hears what the sandbox did that
+        the backend observed (connections through the egress proxy, DNS queries) and
+        what happened to it (stopped because its proxy died); it may be called from
+        another thread."""
         ...
 
     def exec(

@@ -21,15 +21,18 @@ import stat
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.egress.host import EgressProxy
 from corral.model import new_id
+from corral.paths import runtime_dir
 from corral.sandbox import files, seccomp
 from corral.sandbox.backend import (
     EXIT_TIMEOUT,
     SANDBOX_HOME,
+    EventSink,
     ExecResult,
     SandboxError,
     SandboxSpec,
@@ -37,6 +40,7 @@ from corral.sandbox.backend import (
 )
 from corral.sandbox.cgroups import Cgroup, Limits, Usage
 from corral.sandbox.launch import Launched, launch
+from corral.sandbox.netns import listeners_in
 from corral.sandbox.session import IO_DIR, ShellSession
 
 # Paths mounted empty and read-only: the host's runtime sockets (docker, containerd,
@@ -77,12 +81,15 @@ def bwrap_argv(
     io_dir: Path | None = None,
     info_fd: int | None = None,
     block_fd: int | None = None,
+    resolv_conf: Path | None = None,
 ) -> list[str]:
     """bubblewrap's command line for running ``argv`` in a sandbox built from ``spec``.
 
     ``info_fd`` and ``block_fd`` let the launcher confine the sandbox process before it
-    runs anything (``launch.py``)."""
+    runs anything (``launch.py``). ``resolv_conf`` replaces the host's resolver settings
+    (a sandbox with a network asks the egress proxy's DNS stub on its loopback)."""
     ws = str(spec.workspace)
+    resolv_at = _resolv_target() if resolv_conf is not None else None
     args = [
         "bwrap",
         "--unshare-user",
@@ -122,6 +129,9 @@ def bwrap_argv(
             if path == "/run" and io_dir is not None:
                 # The session's hand-over directory, bound before /run turns read-only.
                 args += ["--bind", str(io_dir), IO_DIR]
+            if resolv_at is not None and resolv_at.startswith(path + "/"):
+                args += ["--ro-bind", str(resolv_conf), resolv_at]
+                resolv_at = None
             args += ["--remount-ro", path]
     # Plain strings: this runs for every sandbox, and the policy may hide many paths.
     covered = [*_EMPTY_RO, "/dev"]
@@ -143,6 +153,8 @@ def bwrap_argv(
     for p in spec.protected:
         if p.exists() or p.is_symlink():
             args += ["--ro-bind", str(p), str(p)]
+    if resolv_at is not None:
+        args += ["--ro-bind", str(resolv_conf), resolv_at]
     gpu_args, gpu_env = gpu_binds(spec.gpus, dev)
     args += gpu_args
     args += ["--clearenv"]
@@ -156,6 +168,12 @@ def bwrap_argv(
         args += ["--block-fd", str(block_fd)]
     args += ["--chdir", cwd or ws, "--", *argv]
     return args
+
+
+def _resolv_target() -> str:
+    # Often a symlink (systemd-resolved: into /run, which the sandbox empties): bind the
+    # file where the link leads, which bubblewrap creates inside the emptied /run.
+    return os.path.realpath("/etc/resolv.conf")
 
 
 def _hide(p: str) -> list[str]:
@@ -175,9 +193,12 @@ def _hide(p: str) -> list[str]:
 @dataclass
 class _Box:
     spec: SandboxSpec
+    on_event: EventSink | None = None
     cgroup: Cgroup | None = None
     cgroup_tried: bool = False
     session: ShellSession | None = None
+    live: set[Launched] = field(default_factory=set)  # its running bubblewraps
+    stopped: str | None = None  # why it was stopped from outside (its proxy died)
 
     def ensure_cgroup(self, name: str) -> Cgroup | None:
         """Made on first use (while the first bubblewrap builds its mounts), then kept
@@ -187,6 +208,18 @@ class _Box:
             spec = self.spec
             self.cgroup = Cgroup.create(name, Limits(spec.memory, spec.pids, spec.cpus))
         return self.cgroup
+
+
+def _resolv_conf() -> Path:
+    """The resolver settings of a sandbox with a network: the egress proxy's DNS stub."""
+    path = runtime_dir() / "resolv.conf"
+    text = "# corral: the egress proxy answers allowed names only\nnameserver 127.0.0.1\n"
+    if not path.exists():
+        tmp = path.with_name(f".resolv.conf.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    return path
 
 
 def _set_rlimits(pid: int, spec: SandboxSpec) -> None:
@@ -212,7 +245,10 @@ class BwrapBackend:
 
     name = "bwrap"
 
-    def __init__(self, bwrap: str | None = None) -> None:
+    def __init__(self, bwrap: str | None = None, egress: EgressProxy | None = None) -> None:
+        """``egress``: the proxy for sandboxes with a network (default: this process's
+        shared one, started when the first such sandbox runs)."""
+        self._egress = egress
         found = bwrap or shutil.which("bwrap")
         if found is None:
             raise SandboxError(
@@ -222,10 +258,50 @@ class BwrapBackend:
         self._boxes: dict[str, _Box] = {}
         _raise_fd_limit()
 
-    def create(self, spec: SandboxSpec) -> str:
+    def create(self, spec: SandboxSpec, on_event: EventSink | None = None) -> str:
         sandbox_id = new_id()[:16]
-        self._boxes[sandbox_id] = _Box(spec)
+        self._boxes[sandbox_id] = _Box(spec, on_event)
         return sandbox_id
+
+    @property
+    def egress(self) -> EgressProxy:
+        if self._egress is None or self._egress.dead is not None:
+            self._egress = EgressProxy.shared()
+        return self._egress
+
+    def _connect_egress(self, sandbox_id: str, box: _Box, pid: int, launched: Launched) -> None:
+        """Give this bubblewrap's network namespace its only way out: listening sockets
+        inside it, held by the egress proxy."""
+        assert box.spec.network is not None
+        proxy = self.egress
+        lane = new_id()[:8]
+
+        def on_event(event: dict[str, Any]) -> None:
+            if box.on_event is not None:
+                box.on_event(event)
+
+        def on_death(reason: str) -> None:
+            self._stop(box, f"{reason}; the sandbox lost its way out and was stopped")
+
+        proxy.attach(
+            sandbox_id,
+            lane,
+            pid,
+            listeners_in(pid),
+            box.spec.network,
+            box.spec.policy_name,
+            on_event,
+            on_death,
+        )
+        launched.on_release.append(lambda: proxy.detach(sandbox_id, lane))
+
+    def _stop(self, box: _Box, reason: str) -> None:
+        """Kill every process of the sandbox, from any thread; later commands are refused."""
+        box.stopped = reason
+        for launched in list(box.live):
+            launched.terminate()
+        if box.on_event is not None:
+            box.on_event({"type": "stopped", "reason": reason})
 
     def limits(self, sandbox_id: str) -> str:
         """How this sandbox's resources are limited: ``cgroup-v1``, ``cgroup-v2`` or
@@ -235,9 +311,12 @@ class BwrapBackend:
 
     def _box(self, sandbox_id: str) -> _Box:
         try:
-            return self._boxes[sandbox_id]
+            box = self._boxes[sandbox_id]
         except KeyError:
             raise SandboxError(f"no open sandbox {sandbox_id}") from None
+        if box.stopped is not None:
+            raise SandboxError(f"sandbox {sandbox_id} was stopped: {box.stopped}")
+        return box
 
     def _launch(
         self,
@@ -263,15 +342,20 @@ class BwrapBackend:
                 io_dir=io_dir,
                 info_fd=info_fd,
                 block_fd=block_fd,
+                resolv_conf=_resolv_conf() if box.spec.network is not None else None,
             )
             cmd[0] = self.bwrap
             return cmd
 
-        def confine(pid: int) -> None:
+        def confine(pid: int, launched: Launched) -> None:
             if box.cgroup:
                 box.cgroup.add(pid)
             else:
                 _set_rlimits(pid, box.spec)
+            box.live.add(launched)
+            launched.on_release.append(lambda: box.live.discard(launched))
+            if box.spec.network is not None:
+                self._connect_egress(sandbox_id, box, pid, launched)
 
         try:
             return launch(

@@ -21,9 +21,10 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from corral.sandbox.backend import SandboxError
@@ -33,21 +34,37 @@ from corral.sandbox.backend import SandboxError
 _INFO_TIMEOUT = 30.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: it stands for one process
 class Launched:
     """A running bubblewrap and a pidfd for its sandbox's pid 1 (None: it never started)."""
 
     proc: subprocess.Popen[bytes]
     init: int | None
+    # Run once when this bubblewrap is done with (its egress sockets handed back, say).
+    on_release: list[Callable[[], None]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def terminate(self) -> None:
+        """SIGKILL to every process of this bubblewrap, from any thread; whoever owns it
+        still waits for it (``kill`` or ``proc.wait``)."""
+        with self._lock:
+            if self.init is not None:
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pidfd_send_signal(self.init, signal.SIGKILL)
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
     def kill(self, timeout: float = 5.0) -> int:
         """End every process of this bubblewrap; its exit status."""
-        if self.init is not None and self.proc.poll() is None:
+        with self._lock:
+            init = self.init
+        if init is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, OSError):
-                signal.pidfd_send_signal(self.init, signal.SIGKILL)
+                signal.pidfd_send_signal(init, signal.SIGKILL)
             # Readable once pid 1 has exited, which it does only after the kernel has
             # reaped every other process in its namespace.
-            _wait_readable(self.init, timeout)
+            _wait_readable(init, timeout)
             # bubblewrap reaps it and exits with its status; killing bubblewrap first
             # would leave the zombie to whatever reaps orphans on this host.
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -60,21 +77,26 @@ class Launched:
         return code
 
     def release(self) -> None:
-        if self.init is not None:
-            os.close(self.init)
-            self.init = None
+        with self._lock:
+            init, self.init = self.init, None
+            hooks, self.on_release = self.on_release, []
+        if init is not None:
+            os.close(init)
+        for hook in hooks:
+            with contextlib.suppress(Exception):
+                hook()
 
 
 def launch(
     build: Callable[[int, int], Sequence[str]],
-    confine: Callable[[int], None],
+    confine: Callable[[int, Launched], None],
     *,
     pass_fds: Sequence[int] = (),
     prepare: Callable[[], object] | None = None,
     **popen: Any,
 ) -> Launched:
     """Start ``build(info_fd, block_fd)``, a bubblewrap command line, and run
-    ``confine(pid)`` on its sandbox process before it may run anything.
+    ``confine(pid, launched)`` on its sandbox process before it may run anything.
 
     ``prepare`` runs while bubblewrap builds the sandbox (making the cgroup overlaps
     with making the mounts). If ``confine`` fails the sandbox is killed and a
@@ -102,7 +124,7 @@ def launch(
             if pid is None:  # bubblewrap failed before making the sandbox
                 return launched
             launched.init = os.pidfd_open(pid)
-            confine(pid)
+            confine(pid, launched)
         except ProcessLookupError:
             launched.kill()  # it died while being built; its stderr says why
             return launched

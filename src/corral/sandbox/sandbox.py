@@ -11,15 +11,18 @@ run; its result has exit code 126 and the decision's reason on stderr.
 
 from __future__ import annotations
 
+import collections
 import os
 import shlex
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.ledger import Ledger
-from corral.model import Action, Alert, Category, Decision, Severity, Verdict
+from corral.model import Action, Alert, Category, Decision, Event, EventKind, Severity, Verdict
 from corral.paths import corral_home, default_ledger_path
 from corral.policy import Policy
 from corral.sandbox import protected
@@ -65,9 +68,15 @@ class Sandbox:
             ledger if isinstance(ledger, Ledger) else Ledger.open(ledger or default_ledger_path())
         )
         self._protected_before = protected.present(self.spec.protected)
+        self.id = ""
+        # Recent actions by start time, to tie what the proxy reports (it arrives from
+        # another thread, sometimes after the command returned) to the action that ran.
+        self._recent: collections.deque[tuple[float, Action]] = collections.deque(maxlen=64)
+        self._alerts: list[Alert] = []
+        self._events_lock = threading.Lock()
         try:
             self.backend = get_backend(backend) if isinstance(backend, str) else backend
-            self.id = self.backend.create(self.spec)
+            self.id = self.backend.create(self.spec, self._on_backend_event)
         except BaseException:
             if self._own_ledger:
                 self.ledger.close()
@@ -123,6 +132,9 @@ class Sandbox:
                     decision,
                     action_id=action.id,
                 )
+        with self._events_lock:
+            self._recent.append((time.time(), action))
+            self._alerts = []
         if isinstance(command, str) and not stream:
             r = self.backend.run_shell(self.id, command, timeout=timeout)
             what: dict[str, Any] = {"command": command, "in": "session"}
@@ -131,9 +143,59 @@ class Sandbox:
             r = self.backend.exec(self.id, argv, timeout=timeout, stream=stream)
             what = {"argv": argv, "in": "own bubblewrap"}
         self._record_exec(action, what, r)
+        with self._events_lock:
+            alerts = tuple(self._alerts)
         return Result(
-            r.exit_code, r.stdout, r.stderr, decision, (), r.duration_s, r.timed_out, action.id
+            r.exit_code, r.stdout, r.stderr, decision, alerts, r.duration_s, r.timed_out, action.id
         )
+
+    def _action_at(self, t: float) -> Action | None:
+        with self._events_lock:
+            for started, action in reversed(self._recent):
+                if started <= t:
+                    return action
+        return None
+
+    def _on_backend_event(self, event: dict[str, Any]) -> None:
+        """What the backend saw the sandbox do (egress attempts, DNS queries) or what
+        happened to it; may run on another thread."""
+        t = float(event.get("t", time.time()))
+        action = self._action_at(t)
+        kind = event.get("type")
+        where: dict[str, Any] = {
+            "run_id": self.run_id,
+            "episode": action.episode if action else None,
+            "step": action.step if action else None,
+            "action_id": action.id if action else None,
+            "sandbox_id": self.id,
+        }
+        fields = {k: v for k, v in event.items() if k not in ("sandbox", "t")}
+        if kind == "alert":
+            alert = Alert(
+                detector=str(event.get("detector")),
+                category=Category(str(event.get("category"))),
+                severity=Severity.HIGH,
+                evidence=(),
+                response=f"refused by the egress proxy: {event.get('reason')}",
+                action_id=where["action_id"],
+                sandbox_id=self.id,
+                time=t,
+            )
+            self.ledger.append("alert", alert.to_dict(), **where)
+            with self._events_lock:
+                self._alerts.append(alert)
+            return
+        ev_kind = EventKind.DNS if kind == "dns" else EventKind.NET
+        pid = event.get("pid")
+        ev = Event(
+            kind=ev_kind,
+            sandbox_id=self.id,
+            fields=fields,
+            pid=pid if isinstance(pid, int) else None,
+            action_id=where["action_id"],
+            time=t,
+        )
+        self.ledger.append("event", ev.to_dict(), **where)
 
     def _record_exec(self, action: Action, what: dict[str, Any], r: ExecResult) -> None:
         self.ledger.append(

@@ -1,0 +1,153 @@
+"""Listening sockets made inside a sandbox's network namespace, held outside it.
+
+The sandbox's network namespace has nothing but loopback. Its one way out is a handful of
+sockets that listen on that loopback (``127.0.0.1:3128`` for HTTP, ``:1080`` for SOCKS5,
+``:53`` for DNS) but belong to the egress proxy on the host: a socket stays in the
+namespace it was made in, wherever its descriptor goes. So the sandbox gets no interface,
+no route and no process of ours inside it, and when the proxy dies the sockets close with
+it: connections are refused, nothing is left to carry traffic (fail closed).
+
+Why not a unix socket bound into the sandbox with a bridge process inside: the bridge
+would run as the sandbox's user (killable, replaceable by the agent), cost a process and
+several MiB per sandbox, and need a relay hop per byte.
+
+Making a socket in another namespace takes ``setns``: as root a short-lived thread
+enters the namespace (only that thread moves); without root a forked child first enters
+the sandbox's user namespace, which its owner may do, and passes the sockets back over a
+unix socket (``SCM_RIGHTS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str
+    type: int  # socket.SOCK_STREAM or SOCK_DGRAM
+    port: int
+
+
+# What the sandbox sees on its loopback; the proxy behind each is in corral.egress.
+ENDPOINTS = (
+    Endpoint("http", socket.SOCK_STREAM, 3128),
+    Endpoint("socks", socket.SOCK_STREAM, 1080),
+    Endpoint("dns", socket.SOCK_DGRAM, 53),
+    Endpoint("dns-tcp", socket.SOCK_STREAM, 53),
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _make(endpoints: tuple[Endpoint, ...]) -> list[socket.socket]:
+    out = []
+    try:
+        for ep in endpoints:
+            s = socket.socket(socket.AF_INET, ep.type)
+            out.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", ep.port))
+            if ep.type == socket.SOCK_STREAM:
+                s.listen(512)
+            s.setblocking(False)
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out
+
+
+def listeners_in(pid: int, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> dict[str, socket.socket]:
+    """Sockets listening on the loopback of ``pid``'s network namespace, by endpoint name."""
+    socks = _via_thread(pid, endpoints) if os.geteuid() == 0 else _via_child(pid, endpoints)
+    return {ep.name: s for ep, s in zip(endpoints, socks, strict=True)}
+
+
+def _via_thread(pid: int, endpoints: tuple[Endpoint, ...]) -> list[socket.socket]:
+    result: list[socket.socket] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(target, CLONE_NEWNET)
+                try:
+                    result.extend(_make(endpoints))
+                finally:
+                    # If this failed the thread would still end here, taking the
+                    # namespace it is in with it: no other thread ever moved.
+                    _setns(own, CLONE_NEWNET)
+            finally:
+                os.close(target)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            os.close(own)
+
+    t = threading.Thread(target=work, name="corral-netns")
+    t.start()
+    t.join()
+    if errors:
+        for s in result:
+            s.close()
+        raise errors[0]
+    return result
+
+
+def _via_child(pid: int, endpoints: tuple[Endpoint, ...]) -> list[socket.socket]:
+    user = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    net = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the forked child
+            code = 1
+            try:
+                ours.close()
+                # Entering a user namespace needs a single-threaded process; this child
+                # is one. Its owner (our uid) may enter it, and then the network one.
+                _setns(user, CLONE_NEWUSER)
+                _setns(net, CLONE_NEWNET)
+                made = _make(endpoints)
+                socket.send_fds(theirs, [b"ok"], [s.fileno() for s in made])
+                code = 0
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    theirs.sendall(f"error {exc}".encode()[:1000])
+            finally:
+                os._exit(code)
+        theirs.close()
+        ours.settimeout(10)
+        msg, fds, _flags, _addr = socket.recv_fds(ours, 1024, len(endpoints))
+        _pid, status = os.waitpid(child, 0)
+        if msg != b"ok" or len(fds) != len(endpoints):
+            for fd in fds:
+                os.close(fd)
+            why = msg.decode(errors="replace").removeprefix("error ") or f"status {status}"
+            raise OSError(f"could not open the sandbox's egress sockets: {why}")
+        return [
+            socket.socket(fileno=fd)  # family and type are read back from the descriptor
+            for fd in fds
+        ]
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(user)
+        os.close(net)
