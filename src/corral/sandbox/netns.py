@@ -28,13 +28,15 @@ from dataclasses import dataclass
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
+NETLINK_SOCK_DIAG = 4
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     name: str
-    type: int  # socket.SOCK_STREAM or SOCK_DGRAM
+    type: int  # socket.SOCK_STREAM or SOCK_DGRAM; SOCK_RAW for the netlink one
     port: int
+    family: int = socket.AF_INET
 
 
 # What the sandbox sees on its loopback; the proxy behind each is in corral.egress.
@@ -43,6 +45,9 @@ ENDPOINTS = (
     Endpoint("socks", socket.SOCK_STREAM, 1080),
     Endpoint("dns", socket.SOCK_DGRAM, 53),
     Endpoint("dns-tcp", socket.SOCK_STREAM, 53),
+    # Not a way out: the proxy asks the kernel through it which socket (and so which
+    # process) a connection came from (corral.egress.peer).
+    Endpoint("diag", socket.SOCK_RAW, 0, socket.AF_NETLINK),
 )
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -58,7 +63,10 @@ def _make(endpoints: tuple[Endpoint, ...]) -> list[socket.socket]:
     out = []
     try:
         for ep in endpoints:
-            s = socket.socket(socket.AF_INET, ep.type)
+            if ep.family == socket.AF_NETLINK:
+                out.append(socket.socket(socket.AF_NETLINK, ep.type, NETLINK_SOCK_DIAG))
+                continue
+            s = socket.socket(ep.family, ep.type)
             out.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", ep.port))
