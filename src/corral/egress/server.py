@@ -532,7 +532,7 @@ class Proxy:
         try:
             if first:
                 up.sendall(first)
-                self._count(state, counts, 0, len(first))
+                self._take(state, counts, 0, len(first))
             back = self.pool.submit(self._pump, state, up, client, counts, 1)
             # The client is still connected: a good moment to find who it is.
             self.record(lane, protocol, client, decision, **fields)
@@ -568,7 +568,7 @@ class Proxy:
     ) -> str:
         end = "error"
         try:
-            end = _copy(src, dst, lambda n: self._count(state, counts, i, n))
+            end = _copy(src, dst, lambda n: self._take(state, counts, i, n))
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
@@ -579,12 +579,16 @@ class Proxy:
                         sock.shutdown(socket.SHUT_RDWR)
         return end
 
-    def _count(self, state: SandboxState, counts: list[int], index: int, n: int) -> bool:
-        """Add ``n`` bytes; False once the sandbox's byte budget is spent."""
-        counts[index] += n
+    def _take(self, state: SandboxState, counts: list[int], index: int, n: int) -> int:
+        """Grant up to ``n`` bytes (negative: return unused ones) from the budget."""
         with state.lock:
+            if n > 0 and state.max_bytes is not None:
+                n = min(n, state.max_bytes - state.bytes_used)
+                if n <= 0:
+                    return 0
             state.bytes_used += n
-            return state.max_bytes is None or state.bytes_used <= state.max_bytes
+        counts[index] += n
+        return n
 
 
 def _send(sock: socket.socket, data: bytes) -> None:
@@ -640,9 +644,10 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _copy(src: socket.socket, dst: socket.socket, count: Callable[[int], bool]) -> str:
+def _copy(src: socket.socket, dst: socket.socket, take: Callable[[int], int]) -> str:
     """Blocking copy from src to dst, in the kernel (splice through a pipe): ``eof``,
-    ``error`` or ``budget`` (``count`` said the byte budget is spent)."""
+    ``error`` or ``budget``. ``take(n)`` grants up to ``n`` more bytes from the sandbox's
+    budget (0: spent), asked before each move so that no chunk overshoots it."""
     r, w = os.pipe()
     # A pipe holds 64 KiB by default: one splice per 64 KiB. A larger one moves more per
     # call (the limit is /proc/sys/fs/pipe-max-size, 1 MiB by default).
@@ -650,10 +655,14 @@ def _copy(src: socket.socket, dst: socket.socket, count: Callable[[int], bool]) 
         fcntl.fcntl(w, _F_SETPIPE_SZ, _CHUNK)
     try:
         while True:
+            room = take(_CHUNK)
+            if room <= 0:
+                return "budget"
             try:
-                n = os.splice(src.fileno(), w, _CHUNK)
+                n = os.splice(src.fileno(), w, room)
             except OSError:
                 return "error"
+            take(n - room)  # give back what was granted and not moved
             if n == 0:
                 return "eof"
             left = n
@@ -662,8 +671,6 @@ def _copy(src: socket.socket, dst: socket.socket, count: Callable[[int], bool]) 
                     left -= os.splice(r, dst.fileno(), left)
                 except OSError:
                     return "error"
-            if not count(n):
-                return "budget"
     finally:
         os.close(r)
         os.close(w)
