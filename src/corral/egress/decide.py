@@ -126,7 +126,9 @@ class EgressRules:
         could connect to (on any port), and none on the deny list."""
         if self.spec.mode != "proxy":
             return self._deny("net-off", f"{name}: this policy has no network (network.mode: none)")
-        denied = self._first(tuple(p for p in self.deny if p.host is not None), name, None)
+        # Only a deny entry for every port (`evil.example`, not `*:25`) forbids a name.
+        name_denials = tuple(p for p in self.deny if p.host is not None and p.port is None)
+        denied = self._first(name_denials, name, None)
         if denied is not None:
             return self._deny(
                 "net-deny-list", f"{name} is on the deny list (network.deny: {denied})", denied
