@@ -352,7 +352,32 @@ def _format_record(rec: dict[str, Any]) -> str:
             f"{head} {body.get('severity', '?'):<5} {body.get('category', '?'):<20} "
             f"{body.get('detector', '?')}: {_short(str(body.get('response') or ''), 60)}"
         )
+    if rec["kind"] == "event" and body.get("kind") in ("net", "dns"):
+        return f"{head} {_format_net(body.get('kind', ''), body.get('fields') or {})}"
     return f"{head} {_short(json.dumps(body), 110)}"
+
+
+def _format_net(kind: str, f: dict[str, Any]) -> str:
+    """One egress attempt, DNS query or proxy report on a line."""
+    verdict = "allow" if f.get("allowed") else "deny "
+    who = f"pid {f['pid']}" if f.get("pid") else ""
+    if kind == "dns":
+        return (
+            f"dns   {verdict} {f.get('qtype', '?'):<5} {f.get('name', '?')}  {f.get('rule')} {who}"
+        )
+    if f.get("type") == "net-closed":
+        return (
+            f"net   closed {f.get('protocol')} {f.get('host')}:{f.get('port')}"
+            f"  up {f.get('bytes_up', 0)} B, down {f.get('bytes_down', 0)} B"
+        )
+    if f.get("type") == "stopped":
+        return f"net   STOPPED {_short(str(f.get('reason', '')), 90)}"
+    where = f"{f.get('host')}:{f.get('port')}"
+    method = f"{f.get('method')} " if f.get("method") else ""
+    return (
+        f"net   {verdict} {f.get('protocol', '?'):<7} {method}{where}  {f.get('rule')}"
+        f" {who}  {_short(str(f.get('reason', '')), 60)}"
+    )
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

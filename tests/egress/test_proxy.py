@@ -337,3 +337,50 @@ def test_killing_the_proxy_stops_the_sandbox_and_nothing_gets_out(
         sb.close()
     stops = [e for e in net_events(ledger) if e.get("type") == "stopped"]
     assert stops and "egress proxy" in stops[0]["reason"]
+
+
+def test_corral_exec_and_log_show_the_way_out(tmp_path: Path, http_server: HTTPServer) -> None:
+    from tests.test_cli import corral
+
+    policy = tmp_path / "net.yaml"
+    policy.write_text(
+        "version: 1\nextends: strict\n"
+        f"network:\n  mode: proxy\n  allow: ['{http_server.host}:{http_server.port}']\n"
+    )
+    home = tmp_path / "home"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    r = corral(
+        home,
+        "exec",
+        "--policy",
+        str(policy),
+        "--workspace",
+        str(ws),
+        "--no-gate",
+        "--",
+        "curl",
+        "-sS",
+        f"{http_server.url}/",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hello from corral test server\n"
+    denied = corral(
+        home,
+        "exec",
+        "--policy",
+        str(policy),
+        "--workspace",
+        str(ws),
+        "--no-gate",
+        "--",
+        "curl",
+        "-sS",
+        f"http://{http_server.host}:1/",
+    )
+    assert "rule net-internal" in denied.stdout
+    log = corral(home, "log").stdout
+    assert f"net   allow http    GET {http_server.host}:{http_server.port}  net-allow pid" in log
+    assert f"net   deny  http    GET {http_server.host}:1  net-internal" in log
+    # Reported by the proxy as the command ended; the CLI waits for it before exiting.
+    assert f"net   closed http {http_server.host}:{http_server.port}" in log

@@ -118,8 +118,9 @@ class EgressProxy:
             except ValueError:
                 continue
             kind = event.get("type")
-            if kind == "attached":
-                waiter = self._pending.pop(f"{event.get('sandbox')}/{event.get('lane')}", None)
+            if kind in ("attached", "detached"):
+                lane = event.get("lane") if kind == "attached" else ""
+                waiter = self._pending.pop(f"{event.get('sandbox')}/{lane}", None)
                 if waiter is not None:
                     waiter.set()
                 continue
@@ -182,20 +183,32 @@ class EgressProxy:
         if not waiter.wait(10.0):
             raise EgressError("the egress proxy did not take the sandbox's sockets")
 
-    def detach(self, sandbox_id: str, lane: str | None = None) -> None:
+    def detach(self, sandbox_id: str, lane: str | None = None, wait: float = 5.0) -> None:
+        """Stop one bubblewrap's way out (``lane``), or the whole sandbox's (None). For
+        the whole sandbox, wait until the proxy has sent its last events for it: its
+        connections are cut first, and their closing events still reach the ledger."""
+        waiter = threading.Event()
+        if lane is None:
+            self._pending[f"{sandbox_id}/"] = waiter
+        msg = {"op": "detach", "sandbox": sandbox_id, "lane": lane}
+        sent = False
+        if self.dead is None:
+            try:
+                self._sock.send(json.dumps(msg).encode())
+                sent = True
+            except OSError:
+                pass
+        if lane is None:
+            if sent:
+                waiter.wait(wait)
+            self._pending.pop(f"{sandbox_id}/", None)
         with self._lock:
             entry = self._attached.get(sandbox_id)
-            if entry is None:
-                return
-            if lane is None:
-                del self._attached[sandbox_id]
-            else:
-                entry.lanes.discard(lane)
-                if not entry.lanes:
+            if entry is not None:
+                if lane is None:
                     del self._attached[sandbox_id]
-        msg = {"op": "detach", "sandbox": sandbox_id, "lane": lane}
-        with contextlib.suppress(OSError):
-            self._sock.send(json.dumps(msg).encode())
+                else:
+                    entry.lanes.discard(lane)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

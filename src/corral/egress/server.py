@@ -159,8 +159,13 @@ class Proxy:
         self.emit({"type": "attached", "sandbox": sid, "lane": lane.lane})
 
     def detach(self, sid: str, lane_id: str | None) -> None:
+        """Stop listening for one bubblewrap (``lane_id``) or, with None, for the whole
+        sandbox: its connections are cut, and once their last events are out the host
+        hears ``detached`` (so it can close its ledger knowing nothing is pending)."""
         state = self.sandboxes.get(sid)
         if state is None:
+            if lane_id is None:
+                self.emit({"type": "detached", "sandbox": sid})
             return
         lanes = [lane_id] if lane_id else list(state.lanes)
         for lid in lanes:
@@ -174,12 +179,24 @@ class Proxy:
                     server.close()
             for s in lane.socks:
                 s.close()
-        if not state.lanes:
-            # Established connections end with the sandbox.
-            for s in list(state.open):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        if lane_id is None:
+            # Established connections end with the sandbox; budgets lived as long.
             del self.sandboxes[sid]
+            with state.lock:
+                cut = list(state.open)
+            for sock in cut:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self.pool.submit(self._drained, sid, state)
+
+    def _drained(self, sid: str, state: SandboxState, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with state.lock:
+                if not state.open:
+                    break
+            time.sleep(0.005)
+        self.emit({"type": "detached", "sandbox": sid})
 
     async def _serve(
         self,

@@ -198,6 +198,7 @@ class _Box:
     cgroup_tried: bool = False
     session: ShellSession | None = None
     live: set[Launched] = field(default_factory=set)  # its running bubblewraps
+    egress: EgressProxy | None = None  # the proxy it was handed to, if it has a network
     stopped: str | None = None  # why it was stopped from outside (its proxy died)
 
     def ensure_cgroup(self, name: str) -> Cgroup | None:
@@ -293,6 +294,7 @@ class BwrapBackend:
             on_event,
             on_death,
         )
+        box.egress = proxy
         launched.on_release.append(lambda: proxy.detach(sandbox_id, lane))
 
     def _stop(self, box: _Box, reason: str) -> None:
@@ -514,5 +516,10 @@ class BwrapBackend:
             return
         if box.session is not None:
             box.session.close()
+        for launched in list(box.live):  # a `corral run` agent still going
+            launched.kill()
+        if box.egress is not None:
+            # Its last connection events reach the ledger before the sandbox is gone.
+            box.egress.detach(sandbox_id)
         if box.cgroup is not None:
             box.cgroup.remove()
