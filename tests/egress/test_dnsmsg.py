@@ -330,7 +330,7 @@ def check_replies(query: Query) -> None:
         assert len(message.question) == 1
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=80))
 def test_fuzz_arbitrary_bytes(data: bytes) -> None:
     try:
@@ -349,7 +349,7 @@ SEED_QUERIES = [
 ]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     seed=st.sampled_from(SEED_QUERIES),
     edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=3),
@@ -369,7 +369,7 @@ def test_fuzz_mutated_queries(seed: bytes, edits: list[tuple[int, int]], cut: in
         assert isinstance(exfiltration_signs(query.name), str | None)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(name=st.text(max_size=150) | st.from_regex(r"[A-Za-z0-9=+/._-]{0,130}", fullmatch=True))
 def test_fuzz_exfiltration_signs(name: str) -> None:
     why = exfiltration_signs(name)

@@ -236,7 +236,7 @@ def check(outcome: Outcome) -> None:
         assert sent in (b"", METHOD_OK)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=64), cuts=st.lists(st.integers(0, 100), max_size=5))
 def test_fuzz_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
     whole = run([data])
@@ -244,7 +244,7 @@ def test_fuzz_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
     assert run(split(data, cuts)) == whole
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     cmd=st.sampled_from([1, 1, 1, 2, 3, 0]),
     rsv=st.sampled_from([0, 0, 0, 1]),

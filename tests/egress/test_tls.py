@@ -271,7 +271,7 @@ def check(hello: Hello, data: bytes) -> None:
         assert hello.complete and hello.is_tls and hello.sni is None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=200) | st.binary(max_size=200).map(lambda b: b"\x16\x03" + b))
 def test_fuzz_arbitrary_bytes(data: bytes) -> None:
     check(peek_client_hello(data, max_size=150), data)

@@ -237,11 +237,12 @@ class Proxy:
         self,
         lane: Lane,
         protocol: str,
-        client: socket.socket | None,
+        client: socket.socket | dict[str, Any] | None,
         decision: EgressDecision,
         **fields: Any,
     ) -> None:
-        """One attempt to the host, with the sandbox process that made it."""
+        """One attempt to the host, with the sandbox process that made it (``client``:
+        the connection, or what ``who`` already found out about it)."""
         event: dict[str, Any] = {
             "type": "net",
             "t": time.time(),
@@ -254,12 +255,21 @@ class Proxy:
             "category": decision.category.value if decision.category else None,
             **fields,
         }
-        if client is not None:
-            with contextlib.suppress(OSError):
-                port, local = client.getpeername()[1], client.getsockname()[1]
-                found = find_client(lane.pid, "tcp", port, local, lane.diag)
-                event.update({"pid": found.pid, "process": found.argv} if found else {"pid": None})
+        if isinstance(client, dict):
+            event.update(client)
+        elif client is not None:
+            event.update(self.who(lane, client))
         self.emit(event)
+
+    def who(self, lane: Lane, client: socket.socket) -> dict[str, Any]:
+        """The sandbox process behind a connection. Asked while the client still waits
+        for an answer: a quick one may be gone once its response has arrived."""
+        try:
+            port, local = client.getpeername()[1], client.getsockname()[1]
+        except OSError:
+            return {"pid": None}
+        found = find_client(lane.pid, "tcp", port, local, lane.diag)
+        return {"pid": found.pid, "process": found.argv} if found else {"pid": None}
 
     def emit_alert(self, lane: Lane, detector: str, category: str, reason: str) -> None:
         self.emit(
@@ -356,19 +366,20 @@ class Proxy:
             return
         except OSError:
             return
+        who = self.who(lane, client)
         protocol = "connect" if head.is_connect else "http"
         fields: dict[str, Any] = {"host": head.host, "port": head.port, "method": head.method}
         if not head.is_connect:
             fields["path"] = head.path[:200]
         first = state.rules.check(head.host, head.port, head.method)
         if not first.allowed:
-            self.record(lane, protocol, client, first, **fields)
+            self.record(lane, protocol, who, first, **fields)
             _send(client, self._refusal(state, first))
             return
         up, decision, ip = self.open_upstream(state, head.host, head.port, first)
         fields["ip"] = ip
         if up is None:
-            self.record(lane, protocol, client, decision, **fields)
+            self.record(lane, protocol, who, decision, **fields)
             _send(client, self._refusal(state, decision))
             return
         with up:
@@ -377,12 +388,12 @@ class Proxy:
                 early = _first_bytes(client, reader.rest)
                 fronting = _fronting(head.host, early)
                 if fronting is not None:
-                    self.record(lane, protocol, client, fronting, **fields)
+                    self.record(lane, protocol, who, fronting, **fields)
                     self.emit_alert(lane, "domain-fronting", "defense-evasion", fronting.reason)
                     return
             else:
                 early = http1.forward_head(head) + reader.rest
-            self.relay(state, lane, client, up, early, decision, protocol, fields)
+            self.relay(state, lane, client, up, early, decision, protocol, fields, who)
 
     # ---- SOCKS5 -------------------------------------------------------------------------
 
@@ -404,16 +415,17 @@ class Proxy:
             return
         except OSError:
             return
+        who = self.who(lane, client)
         fields: dict[str, Any] = {"host": request.host, "port": request.port}
         first = state.rules.check(request.host, request.port, None)
         if not first.allowed:
-            self.record(lane, "socks5", client, first, **fields)
+            self.record(lane, "socks5", who, first, **fields)
             _send(client, socks5.reply(socks5.REPLY_NOT_ALLOWED))
             return
         up, decision, ip = self.open_upstream(state, request.host, request.port, first)
         fields["ip"] = ip
         if up is None:
-            self.record(lane, "socks5", client, decision, **fields)
+            self.record(lane, "socks5", who, decision, **fields)
             code = {
                 "net-connect-failed": socks5.REPLY_REFUSED,
                 "net-unresolved": socks5.REPLY_HOST_UNREACHABLE,
@@ -428,10 +440,10 @@ class Proxy:
                 early = _first_bytes(client, early)
                 fronting = _fronting(request.host, early)
                 if fronting is not None:
-                    self.record(lane, "socks5", client, fronting, **fields)
+                    self.record(lane, "socks5", who, fronting, **fields)
                     self.emit_alert(lane, "domain-fronting", "defense-evasion", fronting.reason)
                     return
-            self.relay(state, lane, client, up, early, decision, "socks5", fields)
+            self.relay(state, lane, client, up, early, decision, "socks5", fields, who)
 
     # ---- DNS ----------------------------------------------------------------------------
 
@@ -537,6 +549,7 @@ class Proxy:
         decision: EgressDecision,
         protocol: str,
         fields: dict[str, Any],
+        who: dict[str, Any],
     ) -> None:
         """Record the attempt, then copy both ways until both sides are done, counting
         bytes against the sandbox's budget. Runs on a pool thread; the other direction
@@ -551,8 +564,7 @@ class Proxy:
                 up.sendall(first)
                 self._take(state, counts, 0, len(first))
             back = self.pool.submit(self._pump, state, up, client, counts, 1)
-            # The client is still connected: a good moment to find who it is.
-            self.record(lane, protocol, client, decision, **fields)
+            self.record(lane, protocol, who, decision, **fields)
             ends = [self._pump(state, client, up, counts, 0)]
             ends.append(back.result())
         except OSError:
@@ -567,7 +579,7 @@ class Proxy:
                 "net-budget",
                 f"byte budget spent ({state.max_bytes}, network.max_bytes); connection cut",
             )
-            self.record(lane, protocol, None, cut, **fields)
+            self.record(lane, protocol, who, cut, **fields)
         self.emit(
             {
                 "type": "net-closed",
