@@ -202,7 +202,7 @@ def test_doctor_reports_each_layer(home: Path) -> None:
         "cgroups",
         "gpus",
         "ledger",
-        "network",
+        "egress proxy",
     } <= set(layers)
     # make test installs bubblewrap and libseccomp: the essential layers must be active.
     assert (

@@ -569,3 +569,33 @@ def test_fuzz_valid_requests(
     assert head.path == ("" if connect else path)
     check_head(head)
     assert run(split(raw, cuts)) == whole
+
+
+@pytest.mark.parametrize(
+    ("body", "end"),
+    [
+        (b"0\r\n\r\n", 5),
+        (b"5\r\nhello\r\n0\r\n\r\nGET /next HTTP/1.1\r\n\r\n", 15),
+        (b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\nmore", 35),
+        (b"a\r\n0123456789\r\n0\n\n", 18),  # bare LF tolerated
+    ],
+)
+def test_chunked_body_end_is_found_at_every_split(body: bytes, end: int) -> None:
+    from corral.egress.http1 import ChunkedBody
+
+    for cut in range(len(body) + 1):
+        tracker = ChunkedBody()
+        first = tracker.feed(body[:cut])
+        if first is not None:
+            assert first == end
+            continue
+        second = tracker.feed(body[cut:])
+        assert second is not None and cut + second == end
+
+
+@pytest.mark.parametrize("body", [b"zz\r\n", b"-5\r\n", b"3\r\nhello\r\n"])
+def test_malformed_chunked_bodies_are_refused(body: bytes) -> None:
+    from corral.egress.http1 import ChunkedBody, HttpError
+
+    with pytest.raises(HttpError):
+        ChunkedBody().feed(body)

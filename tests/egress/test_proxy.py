@@ -384,3 +384,32 @@ def test_corral_exec_and_log_show_the_way_out(tmp_path: Path, http_server: HTTPS
     assert f"net   deny  http    GET {http_server.host}:1  net-internal" in log
     # Reported by the proxy as the command ended; the CLI waits for it before exiting.
     assert f"net   closed http {http_server.host}:{http_server.port}" in log
+
+
+def test_request_bodies_pass_and_a_pipelined_second_request_does_not(
+    tmp_path: Path, ledger: Ledger, http_server: HTTPServer
+) -> None:
+    policy = net_policy(f"{http_server.host}:{http_server.port}")
+    script = (
+        "import socket\n"
+        "s = socket.create_connection(('127.0.0.1', 3128), timeout=10)\n"
+        f"a = b'GET {http_server.url}/first HTTP/1.1\\r\\nHost: {http_server.host}:{http_server.port}\\r\\n\\r\\n'\n"
+        "b = b'GET /second HTTP/1.1\\r\\nHost: forbidden.example\\r\\n\\r\\n'\n"
+        "s.sendall(a + b)\n"
+        "data = b''\n"
+        "while chunk := s.recv(65536):\n"
+        "    data += chunk\n"
+        "print(data.count(b'HTTP/1.'))\n"
+    )
+    (tmp_path / "pipe.py").write_text(script)
+    with sandbox(policy, tmp_path, ledger) as sb:
+        plain = sb.run(f"curl -sS -d 'plain body' {http_server.url}/echo")
+        chunked = sb.run(
+            f"printf 'chunked body' | curl -sS -H 'Transfer-Encoding: chunked'"
+            f" --data-binary @- {http_server.url}/echo"
+        )
+        piped = sb.run("python3 pipe.py", timeout=30)
+    assert plain.stdout == "plain body"
+    assert chunked.stdout == "chunked body"
+    assert piped.stdout.strip() == "1"
+    assert http_server.hits == ["/echo", "/echo", "/first"]

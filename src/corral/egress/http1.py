@@ -491,3 +491,58 @@ def response(
         if "\r" in line or "\n" in line:
             raise ValueError(f"response line {line!r} contains CR or LF")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + payload
+
+
+class ChunkedBody:
+    """Finds where a chunked request body ends, so that nothing after it (a second,
+    pipelined request no policy has seen) reaches the server. ``feed`` returns how many
+    of the bytes given belong to the body once its end is among them, else None."""
+
+    def __init__(self, max_line: int = 4096) -> None:
+        self._state = "size"  # size | data | data-crlf | trailer
+        self._line = b""
+        self._left = 0
+        self._max_line = max_line
+        self.done = False
+
+    def feed(self, data: bytes) -> int | None:
+        if self.done:
+            return 0
+        i = 0
+        while i < len(data):
+            if self._state == "data":
+                take = min(self._left, len(data) - i)
+                i += take
+                self._left -= take
+                if self._left == 0:
+                    self._state = "data-crlf"
+                continue
+            nl = data.find(b"\n", i)
+            if nl < 0:
+                self._line += data[i:]
+                if len(self._line) > self._max_line:
+                    raise HttpError(400, "chunked body: line too long")
+                return None
+            line = (self._line + data[i:nl]).rstrip(b"\r")
+            self._line = b""
+            i = nl + 1
+            if self._state == "size":
+                size_text = line.split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise HttpError(400, f"chunked body: bad chunk size {_show(line)}") from None
+                if size_text.startswith((b"-", b"+")) or size < 0:
+                    raise HttpError(400, f"chunked body: bad chunk size {_show(line)}")
+                if size == 0:
+                    self._state = "trailer"
+                else:
+                    self._left, self._state = size, "data"
+            elif self._state == "data-crlf":
+                if line:
+                    raise HttpError(400, "chunked body: chunk data longer than its size")
+                self._state = "size"
+            elif not line:  # trailer section ends with an empty line
+                self.done = True
+                return i
+        return None

@@ -391,9 +391,13 @@ class Proxy:
                     self.record(lane, protocol, who, fronting, **fields)
                     self.emit_alert(lane, "domain-fronting", "defense-evasion", fronting.reason)
                     return
-            else:
-                early = http1.forward_head(head) + reader.rest
-            self.relay(state, lane, client, up, early, decision, protocol, fields, who)
+                self.relay(state, lane, client, up, early, decision, protocol, fields, who)
+                return
+            # One request per connection: its body, and nothing after it (a pipelined
+            # second request would reach the server unchecked).
+            body, rest = _request_body(head, reader.rest)
+            early = http1.forward_head(head) + body
+            self.relay(state, lane, client, up, early, decision, protocol, fields, who, rest)
 
     # ---- SOCKS5 -------------------------------------------------------------------------
 
@@ -550,6 +554,7 @@ class Proxy:
         protocol: str,
         fields: dict[str, Any],
         who: dict[str, Any],
+        body: int | http1.ChunkedBody | None = None,
     ) -> None:
         """Record the attempt, then copy both ways until both sides are done, counting
         bytes against the sandbox's budget. Runs on a pool thread; the other direction
@@ -565,7 +570,10 @@ class Proxy:
                 self._take(state, counts, 0, len(first))
             back = self.pool.submit(self._pump, state, up, client, counts, 1)
             self.record(lane, protocol, who, decision, **fields)
-            ends = [self._pump(state, client, up, counts, 0)]
+            if body is None:  # a tunnel: everything, both ways
+                ends = [self._pump(state, client, up, counts, 0)]
+            else:  # the rest of one request's body, then nothing
+                ends = [self._request_rest(state, client, up, counts, body)]
             ends.append(back.result())
         except OSError:
             ends = ["error"]
@@ -608,6 +616,36 @@ class Proxy:
                         sock.shutdown(socket.SHUT_RDWR)
         return end
 
+    def _request_rest(
+        self,
+        state: SandboxState,
+        client: socket.socket,
+        up: socket.socket,
+        counts: list[int],
+        body: int | http1.ChunkedBody,
+    ) -> str:
+        """Copy what is left of a request body (a byte count, or a chunked body read
+        until its end), then stop reading the client."""
+        try:
+            while body if isinstance(body, int) else not body.done:
+                want = min(_CHUNK, body) if isinstance(body, int) else 65536
+                room = self._take(state, counts, 0, want)
+                if room <= 0:
+                    return "budget"
+                data = client.recv(room)
+                self._take(state, counts, 0, len(data) - room)
+                if not data:
+                    return "eof"
+                if isinstance(body, int):
+                    body -= len(data)
+                else:
+                    end = body.feed(data)
+                    data = data if end is None else data[:end]
+                up.sendall(data)
+        except (OSError, http1.HttpError):
+            return "error"
+        return "eof"
+
     def _take(self, state: SandboxState, counts: list[int], index: int, n: int) -> int:
         """Grant up to ``n`` bytes (negative: return unused ones) from the budget."""
         with state.lock:
@@ -618,6 +656,19 @@ class Proxy:
             state.bytes_used += n
         counts[index] += n
         return n
+
+
+def _request_body(
+    head: http1.RequestHead, rest: bytes
+) -> tuple[bytes, int | http1.ChunkedBody | None]:
+    """The part of ``rest`` (bytes read past the head) that is this request's body, and
+    what is left of the body to read: a byte count or a chunked-body tracker."""
+    if head.is_chunked:
+        tracker = http1.ChunkedBody()
+        end = tracker.feed(rest)
+        return (rest, tracker) if end is None else (rest[:end], 0)
+    length = head.content_length or 0
+    return rest[:length], max(0, length - len(rest))
 
 
 def _send(sock: socket.socket, data: bytes) -> None:
