@@ -413,3 +413,56 @@ def test_request_bodies_pass_and_a_pipelined_second_request_does_not(
     assert chunked.stdout == "chunked body"
     assert piped.stdout.strip() == "1"
     assert http_server.hits == ["/echo", "/echo", "/first"]
+
+
+def test_the_dns_stub_answers_allowed_names_only(tmp_path: Path, ledger: Ledger) -> None:
+    from corral.egress.host import EgressProxy
+
+    # A stand-in for the outside world's DNS: names this machine cannot resolve.
+    proxy = EgressProxy(hosts={"pkgs.example.org": ["93.184.216.34"]})
+    policy = net_policy("pkgs.example.org:443")
+    try:
+        backend = BwrapBackend(egress=proxy)
+        with Sandbox(policy, tmp_path, gate=False, ledger=ledger, backend=backend) as sb:
+            ok = sb.run("dig +short +tries=1 +time=3 pkgs.example.org")
+            other = sb.run("dig +tries=1 +time=3 other.example.org")
+            tcp = sb.run("dig +tcp +short +tries=1 +time=3 pkgs.example.org")
+    finally:
+        proxy.close()
+    assert ok.stdout.strip() == "93.184.216.34"
+    assert tcp.stdout.strip() == "93.184.216.34"
+    assert "status: REFUSED" in other.stdout
+    assert not ok.alerts and not other.alerts
+    queries = [e for e in net_events(ledger) if e["type"] == "dns"]
+    assert [(q["name"], q["allowed"]) for q in queries] == [
+        ("pkgs.example.org", True),
+        ("other.example.org", False),
+        ("pkgs.example.org", True),
+    ]
+    assert all(isinstance(q["_pid"], int) for q in queries[:2])
+
+
+def test_one_sandbox_cannot_hold_more_than_its_share_of_connections(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    from corral.egress.server import MAX_OPEN
+
+    script = (
+        "import socket, time\n"
+        f"held = [socket.create_connection(('127.0.0.1', 3128)) for _ in range({MAX_OPEN + 20})]\n"
+        "time.sleep(0.5)\n"
+        "cut = 0\n"
+        "for s in held:\n"
+        "    s.setblocking(False)\n"
+        "    try:\n"
+        "        cut += s.recv(1) == b''\n"
+        "    except BlockingIOError:\n"
+        "        pass\n"
+        "print(cut)\n"
+    )
+    (tmp_path / "hold.py").write_text(script)
+    with sandbox(net_policy(), tmp_path, ledger) as sb:
+        r = sb.run("python3 hold.py", timeout=60)
+    assert r.exit_code == 0, r.stderr
+    assert int(r.stdout) == 20
+    assert sum(e.get("rule") == "net-budget" for e in net_events(ledger, r.action_id)) == 20

@@ -50,6 +50,9 @@ HEAD_TIMEOUT = 30.0
 # How long a tunnel waits for the client's first bytes (a TLS ClientHello, to check its
 # SNI) before assuming the server speaks first (SSH, SMTP) and connecting anyway.
 FIRST_BYTES_WAIT = 2.0
+# Connections one sandbox may hold open at once. Each takes a thread while it lasts; the
+# cap keeps one sandbox from starving the others (a flood of idle connections).
+MAX_OPEN = 256
 _CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
 
@@ -75,6 +78,7 @@ class SandboxState:
     connections: int = 0
     lanes: dict[str, Lane] = field(default_factory=dict)
     open: set[socket.socket] = field(default_factory=set)
+    handling: int = 0  # connections being handled now
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -211,6 +215,20 @@ class Proxy:
                     conn, _ = await self.loop.sock_accept(sock)
                 except OSError:  # closed: the sandbox is gone
                     return
+                with state.lock:
+                    full = state.handling >= MAX_OPEN
+                    state.handling += not full
+                if full:
+                    conn.close()
+                    self.record(
+                        lane,
+                        "tcp",
+                        None,
+                        EgressDecision(
+                            False, "net-budget", f"more than {MAX_OPEN} connections open at once"
+                        ),
+                    )
+                    continue
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.settimeout(HEAD_TIMEOUT)
                 self.pool.submit(self._handle, handler, state, lane, conn)
@@ -230,6 +248,8 @@ class Proxy:
             self.emit({"type": "error", "sandbox": lane.sandbox, "message": repr(exc)[:500]})
         finally:
             conn.close()
+            with state.lock:
+                state.handling -= 1
 
     # ---- decisions and events ------------------------------------------------------------
 
