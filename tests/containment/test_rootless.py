@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,17 +44,32 @@ def _ordinary_user() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def _run_checks(workspace: Path) -> dict[str, Any]:
+def _run_checks(workspace: Path, server_url: str) -> dict[str, Any]:
     policy = Policy.load("strict")
     out: dict[str, Any] = {"euid": os.geteuid()}
     with Ledger.memory() as ledger, Sandbox(policy, workspace, gate=False, ledger=ledger) as sb:
         for name, cmd in CHECKS.items():
             r = sb.run(cmd, timeout=30)
             out[name] = [r.exit_code, r.stdout.strip()]
+    # The way out without root: the proxy's sockets are made by a forked child that
+    # enters the sandbox's user namespace (sandbox/netns.py).
+    allow = server_url.removeprefix("http://")
+    net = Policy.from_dict(
+        {"version": 1, "extends": "strict", "network": {"mode": "proxy", "allow": [allow]}}
+    )
+    with Ledger.memory() as ledger, Sandbox(net, workspace, gate=False, ledger=ledger) as sb:
+        r = sb.run(f"curl -sS --max-time 10 {server_url}/", timeout=30)
+        out["egress_allowed"] = [r.exit_code, r.stdout.strip()]
+        r = sb.run(f"curl -s --max-time 10 -w ' %{{http_code}}' {server_url.rsplit(':', 1)[0]}:1/")
+        out["egress_denied"] = [r.exit_code, r.stdout.strip()[-3:]]
+        events = [rec.body["fields"] for rec in ledger.records(kinds="event")]
+        out["egress_events"] = [
+            (e.get("allowed"), e.get("pid") is not None) for e in events if e.get("type") == "net"
+        ]
     return out
 
 
-def _as_user(uid: int, gid: int, workspace: Path) -> dict[str, Any]:
+def _as_user(uid: int, gid: int, workspace: Path, server_url: str) -> dict[str, Any]:
     # The interpreter's own files may sit where an ordinary user cannot read them (a
     # Python under /root): load everything the child needs while still root.
     seccomp.filter_bpf()
@@ -69,7 +85,8 @@ def _as_user(uid: int, gid: int, workspace: Path) -> dict[str, Any]:
             os.setuid(uid)
             os.environ["HOME"] = str(workspace)
             os.environ["CORRAL_HOME"] = str(workspace / ".corral")
-            result = _run_checks(workspace)
+            _runnable_python()
+            result = _run_checks(workspace, server_url)
         except BaseException as exc:  # report, never fall back into the test runner
             result = {"error": repr(exc)}
             code = 1
@@ -83,18 +100,35 @@ def _as_user(uid: int, gid: int, workspace: Path) -> dict[str, Any]:
     return parsed
 
 
+def _runnable_python() -> None:
+    """The egress proxy runs as ``python -m corral.egress.server``. When this test's
+    interpreter lives where the ordinary user may not execute it (a Python under /root),
+    use the system's Python 3 with this checkout and its packages on the path."""
+    if os.access(os.path.realpath(sys.executable), os.X_OK):
+        return
+    import corral
+
+    src = str(Path(corral.__file__).resolve().parents[1])
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    os.environ["CORRAL_PYTHON"] = "/usr/bin/python3"
+    os.environ["PYTHONPATH"] = os.pathsep.join([src, *site])
+
+
 def test_sandbox_works_and_holds_as_an_ordinary_user() -> None:
+    from tests.egress.servers import serve_hello
+
     # A workspace the ordinary user can reach (pytest's tmp_path is private to root).
     workspace = Path(tempfile.mkdtemp(prefix="corral-rootless-"))
     try:
         workspace.chmod(0o755)
-        if os.geteuid() == 0:
-            uid, gid = _ordinary_user()
-            os.chown(workspace, uid, gid)
-            result = _as_user(uid, gid, workspace)
-        else:
-            uid = os.geteuid()
-            result = _run_checks(workspace)
+        with serve_hello() as server:  # on the host, for the egress check
+            if os.geteuid() == 0:
+                uid, gid = _ordinary_user()
+                os.chown(workspace, uid, gid)
+                result = _as_user(uid, gid, workspace, server.url)
+            else:
+                uid = os.geteuid()
+                result = _run_checks(workspace, server.url)
         assert "error" not in result, result
         assert result["euid"] == uid != 0
         assert result["runs"] == [0, "ok"]
@@ -105,6 +139,9 @@ def test_sandbox_works_and_holds_as_an_ordinary_user() -> None:
         assert result["net_only_loopback"] == [0, "['lo']"]
         assert result["no_nested_userns"][1] != "0"
         assert result["no_ptrace"][1] == "-1"
+        assert result["egress_allowed"] == [0, "hello from corral test server"]
+        assert result["egress_denied"][1] == "403"
+        assert result["egress_events"] == [[True, True], [False, True]]
     finally:
         for p in sorted(workspace.rglob("*"), reverse=True):
             p.unlink() if not p.is_dir() else p.rmdir()

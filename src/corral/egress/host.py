@@ -51,7 +51,10 @@ class EgressProxy:
     def __init__(self, hosts: Mapping[str, list[str]] | None = None) -> None:
         self._hosts_file: Path | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = [sys.executable, "-m", "corral.egress.server", "--control", str(theirs.fileno())]
+        # $CORRAL_PYTHON: for a host whose sys.executable is not a Python that can run
+        # corral (an embedding application, an interpreter this user may not execute).
+        python = os.environ.get("CORRAL_PYTHON") or sys.executable
+        cmd = [python, "-m", "corral.egress.server", "--control", str(theirs.fileno())]
         if hosts:
             from corral.paths import runtime_dir
 

@@ -13,14 +13,15 @@ several MiB per sandbox, and need a relay hop per byte.
 
 Making a socket in another namespace takes ``setns``: as root a short-lived thread
 enters the namespace (only that thread moves); without root a forked child first enters
-the sandbox's user namespace, which its owner may do, and passes the sockets back over a
-unix socket (``SCM_RIGHTS``).
+the user namespace that owns the sandbox's network namespace (its owner, our user, may),
+and passes the sockets back over a unix socket (``SCM_RIGHTS``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import socket
 import threading
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
+NS_GET_USERNS = 0xB701  # ioctl on a namespace: its owning user namespace, as a new fd
 NETLINK_SOCK_DIAG = 4
 
 
@@ -120,8 +122,11 @@ def _via_thread(pid: int, endpoints: tuple[Endpoint, ...]) -> list[socket.socket
 
 
 def _via_child(pid: int, endpoints: tuple[Endpoint, ...]) -> list[socket.socket]:
-    user = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     net = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    # The user namespace that owns the network one: not the process's own, which
+    # bubblewrap's --disable-userns nests one level deeper, and from inside which the
+    # network namespace is out of reach.
+    user = fcntl.ioctl(net, NS_GET_USERNS)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         child = os.fork()
