@@ -49,6 +49,10 @@ class EgressRules:
         self.allow = spec.allow_patterns
         self.deny = spec.deny_patterns
         self.methods = frozenset(spec.methods) if spec.methods is not None else None
+        self._ip_deny = tuple(p for p in self.deny if p.network is not None)
+        self._ip_allow = tuple(p for p in self.allow if p.network is not None)
+        # Agents ask for the same few destinations over and over; the rules are fixed.
+        self._checked: dict[tuple[str, int, str | None], EgressDecision] = {}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], policy_name: str = "policy") -> EgressRules:
@@ -68,6 +72,16 @@ class EgressRules:
     def check(self, host: str, port: int, method: str | None = None) -> EgressDecision:
         """May a client ask for ``host:port`` (``method``: the HTTP method, CONNECT for a
         tunnel, None for SOCKS)? ``host`` is a lower-case name or an IP literal."""
+        key = (host, port, method)
+        found = self._checked.get(key)
+        if found is None:
+            found = self._check(host, port, method)
+            if len(self._checked) > 4096:
+                self._checked.clear()
+            self._checked[key] = found
+        return found
+
+    def _check(self, host: str, port: int, method: str | None) -> EgressDecision:
         where = f"{host}:{port}"
         if self.spec.mode != "proxy":
             return self._deny(
@@ -93,14 +107,14 @@ class EgressRules:
     def check_address(self, host: str, ip: str, port: int) -> EgressDecision:
         """May the connection for ``host`` go to ``ip`` (one of its resolved addresses)?"""
         shown = ip if host == ip else f"{host} (resolved to {ip})"
-        denied = self._first(tuple(p for p in self.deny if p.network is not None), ip, port)
+        denied = self._first(self._ip_deny, ip, port)
         if denied is not None:
             return self._deny(
                 "net-deny-list",
                 f"{shown}:{port} is on the deny list (network.deny: {denied})",
                 denied,
             )
-        explicit = self._first(tuple(p for p in self.allow if p.network is not None), ip, port)
+        explicit = self._first(self._ip_allow, ip, port)
         cls = netdest.address_class(ip)
         if cls in ("loopback", "private", "link-local", "multicast", "unspecified"):
             if explicit is None:

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -257,7 +257,7 @@ class Proxy:
         self,
         lane: Lane,
         protocol: str,
-        client: socket.socket | dict[str, Any] | None,
+        client: socket.socket | Future[dict[str, Any]] | None,
         decision: EgressDecision,
         **fields: Any,
     ) -> None:
@@ -275,8 +275,8 @@ class Proxy:
             "category": decision.category.value if decision.category else None,
             **fields,
         }
-        if isinstance(client, dict):
-            event.update(client)
+        if isinstance(client, Future):
+            event.update(client.result())
         elif client is not None:
             event.update(self.who(lane, client))
         self.emit(event)
@@ -386,7 +386,8 @@ class Proxy:
             return
         except OSError:
             return
-        who = self.who(lane, client)
+        # Looked up beside the connect, not before it: it is on every first byte's path.
+        who = self.pool.submit(self.who, lane, client)
         protocol = "connect" if head.is_connect else "http"
         fields: dict[str, Any] = {"host": head.host, "port": head.port, "method": head.method}
         if not head.is_connect:
@@ -439,7 +440,7 @@ class Proxy:
             return
         except OSError:
             return
-        who = self.who(lane, client)
+        who = self.pool.submit(self.who, lane, client)
         fields: dict[str, Any] = {"host": request.host, "port": request.port}
         first = state.rules.check(request.host, request.port, None)
         if not first.allowed:
@@ -573,7 +574,7 @@ class Proxy:
         decision: EgressDecision,
         protocol: str,
         fields: dict[str, Any],
-        who: dict[str, Any],
+        who: Future[dict[str, Any]],
         body: int | http1.ChunkedBody | None = None,
     ) -> None:
         """Record the attempt, then copy both ways until both sides are done, counting
