@@ -141,14 +141,28 @@ def test_a_port_not_allowed_gets_a_403_naming_the_rule(
 def test_resolved_internal_addresses_need_an_explicit_ip_rule(
     tmp_path: Path, ledger: Ledger, http_server: HTTPServer
 ) -> None:
-    # `localhost` resolves to the host's loopback: allowing the name is not enough.
-    by_name = net_policy(f"localhost:{http_server.port}")
-    with sandbox(by_name, tmp_path, ledger) as sb:
-        r = sb.run(
-            f"curl -sS --max-time 10 --noproxy '' -w '%{{http_code}}' http://localhost:{http_server.port}/"
-        )
-    assert r.stdout.endswith("403") and "net-internal" in r.stdout
-    assert http_server.hits == []
+    from corral.egress.host import EgressProxy
+
+    # A name that resolves to the host's loopback (the stand-in resolver plays DNS):
+    # allowing the name is not enough, the address needs an IP rule of its own.
+    name = "corral-test.internal"
+    proxy = EgressProxy(hosts={name: [http_server.host]})
+    url = f"http://{name}:{http_server.port}/"
+    try:
+        backend = BwrapBackend(egress=proxy)
+        by_name = net_policy(f"{name}:{http_server.port}")
+        with Sandbox(by_name, tmp_path, gate=False, ledger=ledger, backend=backend) as sb:
+            r = sb.run(f"curl -sS --max-time 10 -w '%{{http_code}}' {url}")
+        assert r.stdout.endswith("403") and "net-internal" in r.stdout
+        assert f"resolved to {http_server.host}" in r.stdout
+        assert http_server.hits == []
+        both = net_policy(f"{name}:{http_server.port}", f"{http_server.host}:{http_server.port}")
+        with Sandbox(both, tmp_path, gate=False, ledger=ledger, backend=backend) as sb:
+            r = sb.run(f"curl -sS --max-time 10 {url}")
+        assert r.stdout == "hello from corral test server\n"
+        assert http_server.hits == ["/"]
+    finally:
+        proxy.close()
 
 
 def test_pip_download_from_an_allowed_index_and_a_clear_failure_when_not(

@@ -778,6 +778,9 @@ def _copy(src: socket.socket, dst: socket.socket, take: Callable[[int], int]) ->
 
 
 async def serve(control_fd: int, hosts: dict[str, list[str]]) -> None:
+    # A relay thread that wakes with data waits for the interpreter lock; the default
+    # switch interval (5 ms) would let a busy thread hold it that long.
+    sys.setswitchinterval(0.0002)
     control = socket.socket(fileno=control_fd)
     control.setblocking(False)
     proxy = Proxy(control, hosts)
