@@ -352,6 +352,10 @@ def _format_record(rec: dict[str, Any]) -> str:
             f"{head} {body.get('severity', '?'):<5} {body.get('category', '?'):<20} "
             f"{body.get('detector', '?')}: {_short(str(body.get('response') or ''), 60)}"
         )
+    if rec["kind"] == "event" and body.get("kind") == "exec":
+        f = body.get("fields") or {}
+        argv = " ".join(map(str, f.get("argv") or [])) or str(f.get("exe", "?"))
+        return f"{head} proc  pid {body.get('pid')} (parent {body.get('ppid')})  {_short(argv, 70)}"
     if rec["kind"] == "event" and body.get("kind") in ("net", "dns"):
         return f"{head} {_format_net(body.get('kind', ''), body.get('fields') or {})}"
     return f"{head} {_short(json.dumps(body), 110)}"

@@ -160,8 +160,28 @@ def _egress() -> Check:
     )
 
 
+def _watch() -> Check:
+    """What the watcher can see here: every exec as it happens needs the proc connector
+    (root); without it, processes are found by scanning cgroups ten times a second."""
+    from corral.watch.procevents import ProcConnector
+
+    conn = ProcConnector.open()
+    if conn is None:
+        why = getattr(ProcConnector, "last_error", "") or "not available"
+        return Check(
+            "watcher",
+            True,
+            False,
+            f"processes found by cgroup scans at 10 Hz; exec events as they happen need root ({why})",
+        )
+    conn.close()
+    return Check(
+        "watcher", True, False, "exec events from the kernel's proc connector, and cgroup scans"
+    )
+
+
 def run_checks() -> list[Check]:
-    return [*_bwrap(), _seccomp(), _cgroups(), _gpus(), _state(), _egress()]
+    return [*_bwrap(), _seccomp(), _cgroups(), _gpus(), _state(), _egress(), _watch()]
 
 
 def as_dicts(checks: list[Check]) -> list[dict[str, object]]:

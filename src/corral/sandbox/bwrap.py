@@ -17,6 +17,7 @@ import os
 import resource
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -211,6 +212,25 @@ class _Box:
         return self.cgroup
 
 
+def _descendants(pid: int) -> list[int]:
+    """pid and every process under it, from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        out.append(cur)
+        try:
+            tasks = os.listdir(f"/proc/{cur}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            with (
+                contextlib.suppress(OSError, ValueError),
+                open(f"/proc/{cur}/task/{tid}/children") as f,
+            ):
+                todo.extend(int(c) for c in f.read().split())
+    return out
+
+
 def _resolv_conf() -> Path:
     """The resolver settings of a sandbox with a network: the egress proxy's DNS stub."""
     path = runtime_dir() / "resolv.conf"
@@ -296,6 +316,68 @@ class BwrapBackend:
         )
         box.egress = proxy
         launched.on_release.append(lambda: proxy.detach(sandbox_id, lane))
+
+    def processes(self, sandbox_id: str) -> list[int]:
+        """Host pids of every process in the sandbox now (its cgroup's, or the trees
+        under its bubblewraps' pid 1 where it has no cgroup)."""
+        box = self._boxes.get(sandbox_id)
+        if box is None:
+            return []
+        if box.cgroup is not None:
+            return box.cgroup.pids()
+        out: list[int] = []
+        for launched in list(box.live):
+            pid = launched.init_pid
+            if pid is not None:
+                out.extend(_descendants(pid))
+        return out
+
+    def roots(self, sandbox_id: str) -> set[int]:
+        """Each bubblewrap's pid 1 and the process it runs (the session's shell)."""
+        box = self._boxes.get(sandbox_id)
+        out: set[int] = set()
+        for launched in list(box.live) if box else []:
+            pid = launched.init_pid
+            if pid is None:
+                continue
+            out.add(pid)
+            with (
+                contextlib.suppress(OSError, ValueError),
+                open(f"/proc/{pid}/task/{pid}/children") as f,
+            ):
+                out.update(int(c) for c in f.read().split())
+        return out
+
+    def kill_tree(self, sandbox_id: str, pid: int) -> list[int]:
+        """SIGKILL a process of the sandbox and everything under it; the pids killed."""
+        inside = set(self.processes(sandbox_id))
+        victims = [p for p in _descendants(pid) if p in inside]
+        for p in victims:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+        return victims
+
+    def stop(self, sandbox_id: str, reason: str) -> None:
+        """Kill every process of the sandbox (from any thread); it takes no more
+        commands. ``close`` still has to be called."""
+        box = self._boxes.get(sandbox_id)
+        if box is not None and box.stopped is None:
+            self._stop(box, reason)
+            if box.cgroup is not None:
+                box.cgroup.kill_all(timeout=1.0)
+
+    def freeze(self, sandbox_id: str, reason: str) -> None:
+        """Stop every process where it is, for inspection (cgroup v2's freezer; on v1,
+        SIGSTOP to each): nothing more runs, nothing is lost. ``close`` kills them."""
+        box = self._boxes.get(sandbox_id)
+        if box is None:
+            return
+        box.stopped = f"frozen: {reason}"
+        if box.cgroup is not None and box.cgroup.freeze():
+            return
+        for p in self.processes(sandbox_id):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGSTOP)
 
     def _stop(self, box: _Box, reason: str) -> None:
         """Kill every process of the sandbox, from any thread; later commands are refused."""

@@ -203,6 +203,16 @@ class Cgroup:
             _kv(pids).get("max", 0),
         )
 
+    def freeze(self) -> bool:
+        """Freeze every process (v2's ``cgroup.freeze``); False where unavailable."""
+        if self.version != "v2":
+            return False
+        try:
+            (self.dirs[0] / "cgroup.freeze").write_text("1")
+        except OSError:
+            return False
+        return True
+
     def kill_all(self, timeout: float = 5.0) -> None:
         """SIGKILL every process in the cgroup, daemonised ones included, and wait."""
         kill_file = self.dirs[0] / "cgroup.kill"

@@ -44,6 +44,23 @@ class Launched:
     on_release: list[Callable[[], None]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def init_pid(self) -> int | None:
+        """The host pid of the sandbox's pid 1, while it runs."""
+        with self._lock:
+            fd = self.init
+            if fd is None:
+                return None
+            try:
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("Pid:"):
+                            pid = int(line.split()[1])
+                            return pid if pid > 0 else None
+            except (OSError, ValueError):
+                return None
+        return None
+
     def terminate(self) -> None:
         """SIGKILL to every process of this bubblewrap, from any thread; whoever owns it
         still waits for it (``kill`` or ``proc.wait``)."""

@@ -16,7 +16,7 @@ import os
 import shlex
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,9 @@ from corral.model import Action, Alert, Category, Decision, Event, EventKind, Se
 from corral.paths import corral_home, default_ledger_path
 from corral.policy import Policy
 from corral.sandbox import protected
-from corral.sandbox.backend import Backend, ExecResult, SandboxSpec, get_backend
+from corral.sandbox.backend import Backend, ExecResult, SandboxError, SandboxSpec, get_backend
+from corral.watch.engine import Match
+from corral.watch.watcher import Watcher
 
 EXIT_DENIED = 126
 
@@ -41,6 +43,9 @@ class Result:
     duration: float = 0.0
     timed_out: bool = False
     action_id: str | None = None
+    # A detector ended the episode (policy response `end-episode`): a trainer should
+    # penalise or drop the trajectory; the sandbox takes no more commands.
+    episode_ended: bool = False
 
 
 class Sandbox:
@@ -56,7 +61,11 @@ class Sandbox:
         gate: bool = True,
         ledger: Ledger | str | os.PathLike[str] | None = None,
         backend: Backend | str = "bwrap",
+        watch: bool | Watcher = True,
     ) -> None:
+        """``watch``: the host's watcher follows what the sandbox's processes do and
+        answers detector matches (True: this process's shared watcher; a ``Watcher`` to
+        use that one; False to turn watching off, for testing containment alone)."""
         self.policy = policy if isinstance(policy, Policy) else Policy.load(policy)
         self.task = task
         self.run_id = run_id
@@ -73,7 +82,11 @@ class Sandbox:
         # another thread, sometimes after the command returned) to the action that ran.
         self._recent: collections.deque[tuple[float, Action]] = collections.deque(maxlen=64)
         self._alerts: list[Alert] = []
+        self.alerts: list[Alert] = []  # every alert of this sandbox so far
         self._events_lock = threading.Lock()
+        self._done: set[str] = set()  # actions that have returned
+        self.episode_ended: str | None = None
+        self.stopped: str | None = None
         try:
             self.backend = get_backend(backend) if isinstance(backend, str) else backend
             self.id = self.backend.create(self.spec, self._on_backend_event)
@@ -82,6 +95,9 @@ class Sandbox:
                 self.ledger.close()
             raise
         self._step = 0
+        self.watcher = (
+            (watch if isinstance(watch, Watcher) else Watcher.shared()) if watch else None
+        )
         self.ledger.append_note(
             {
                 "event": "sandbox created",
@@ -91,9 +107,13 @@ class Sandbox:
                 "policy_hash": self.policy.hash,
                 "workspace": str(self.workspace),
                 "gate": gate,
+                "watch": self.watcher.sources if self.watcher else None,
+                "detectors": self.watcher.rules.version if self.watcher else None,
             },
             run_id=run_id,
         )
+        if self.watcher is not None:
+            self.watcher.watch(_Target(self), self.policy.spec.detectors)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -111,6 +131,8 @@ class Sandbox:
         stream: bool = False,
     ) -> Result:
         """Run a shell command string (through bash) or an argv list."""
+        if self.episode_ended:
+            raise EpisodeEnded(f"the episode was ended: {self.episode_ended}")
         self._step += 1
         text = command if isinstance(command, str) else shlex.join(command)
         action = Action.shell(
@@ -142,11 +164,26 @@ class Sandbox:
             argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
             r = self.backend.exec(self.id, argv, timeout=timeout, stream=stream)
             what = {"argv": argv, "in": "own bubblewrap"}
+        # No waiting for the watcher: a process it first sees after this is still tied
+        # to this action by its start time, and judged as having outlived it.
+        with self._events_lock:
+            self._done.add(action.id)
         self._record_exec(action, what, r)
         with self._events_lock:
             alerts = tuple(self._alerts)
+        stderr = r.stderr
+        if self.stopped:
+            stderr += f"corral: the sandbox was stopped: {self.stopped}\n"
         return Result(
-            r.exit_code, r.stdout, r.stderr, decision, alerts, r.duration_s, r.timed_out, action.id
+            r.exit_code,
+            r.stdout,
+            stderr,
+            decision,
+            alerts,
+            r.duration_s,
+            r.timed_out,
+            action.id,
+            bool(self.episode_ended),
         )
 
     def _action_at(self, t: float) -> Action | None:
@@ -184,7 +221,14 @@ class Sandbox:
             self.ledger.append("alert", alert.to_dict(), **where)
             with self._events_lock:
                 self._alerts.append(alert)
+                self.alerts.append(alert)
             return
+        if kind == "stopped":
+            self.stopped = str(event.get("reason"))
+        if self.watcher is not None and kind in ("net", "dns"):
+            self.watcher.push(
+                self.id, {**fields, "kind": kind, "action_id": where["action_id"], "t": t}
+            )
         ev_kind = EventKind.DNS if kind == "dns" else EventKind.NET
         pid = event.get("pid")
         ev = Event(
@@ -226,6 +270,8 @@ class Sandbox:
 
     def close(self) -> None:
         if self.id:
+            if self.watcher is not None:
+                self.watcher.unwatch(self.id)
             self.backend.close(self.id)  # every process of the sandbox is gone after this
             moved = protected.quarantine_new(
                 self.spec.protected,
@@ -251,3 +297,129 @@ class Sandbox:
             self.id = ""
         if self._own_ledger:
             self.ledger.close()
+
+
+class EpisodeEnded(SandboxError):
+    """A detector ended this sandbox's episode; it takes no more commands."""
+
+
+class _Target:
+    """The watcher's view of one ``Sandbox`` (``corral.watch.watcher.WatchTarget``)."""
+
+    def __init__(self, sb: Sandbox) -> None:
+        self.sb = sb
+        self.id = sb.id
+        self.gpus_granted = sb.spec.gpus > 0
+
+    def processes(self) -> list[int]:
+        return self.sb.backend.processes(self.id)
+
+    def roots(self) -> set[int]:
+        return self.sb.backend.roots(self.id)
+
+    def action_at(self, t: float) -> tuple[str | None, bool]:
+        action = self.sb._action_at(t)
+        if action is None:
+            return None, True
+        return action.id, self.action_done(action.id)
+
+    def action_done(self, action_id: str | None) -> bool:
+        with self.sb._events_lock:
+            return action_id is None or action_id in self.sb._done
+
+    def _where(self, action_id: str | None) -> dict[str, Any]:
+        action = None
+        with self.sb._events_lock:
+            for _, a in self.sb._recent:
+                if a.id == action_id:
+                    action = a
+        return {
+            "run_id": self.sb.run_id,
+            "episode": action.episode if action else None,
+            "step": action.step if action else None,
+            "action_id": action_id,
+            "sandbox_id": self.id,
+        }
+
+    def record(self, event: Mapping[str, Any]) -> None:
+        fields = {k: v for k, v in event.items() if k not in ("sandbox", "t", "kind")}
+        pid = event.get("pid")
+        ev = Event(
+            kind=EventKind.EXEC,
+            sandbox_id=self.id,
+            fields=fields,
+            pid=pid if isinstance(pid, int) else None,
+            ppid=event.get("ppid") if isinstance(event.get("ppid"), int) else None,
+            action_id=event.get("action_id"),
+        )
+        self.sb.ledger.append("event", ev.to_dict(), **self._where(ev.action_id))
+
+    def respond(self, match: Match) -> str:
+        """Record the alert, then act: a command killed by the response returns with
+        the alert already in its ``Result``."""
+        sb = self.sb
+        reason = f"{match.rule.id}: {match.reason}"
+        planned = {
+            "kill-process": "killed the process and its children",
+            "kill-sandbox": "killed the sandbox",
+            "end-episode": "ended the episode and killed the sandbox",
+            "freeze": "froze the sandbox for inspection",
+        }.get(match.response, "alert only")
+        evidence = tuple(
+            Event(
+                kind=_event_kind(e.get("kind")),
+                sandbox_id=self.id,
+                fields={k: v for k, v in e.items() if k not in ("sandbox", "t", "kind")},
+                pid=e.get("pid") if isinstance(e.get("pid"), int) else None,
+                action_id=e.get("action_id"),
+                time=float(e.get("t", time.time())),
+            )
+            for e in match.evidence
+        )
+        alert = Alert(
+            detector=match.rule.id,
+            category=match.rule.category,
+            severity=match.rule.severity,
+            evidence=evidence,
+            response=f"{planned} ({match.reason})",
+            action_id=match.action_id,
+            sandbox_id=self.id,
+            time=match.t,
+        )
+        sb.ledger.append("alert", alert.to_dict(), **self._where(match.action_id))
+        with sb._events_lock:
+            sb._alerts.append(alert)
+            sb.alerts.append(alert)
+            if match.response == "end-episode":
+                sb.episode_ended = reason
+        try:
+            if match.response == "kill-process" and match.pid is not None:
+                sb.backend.kill_tree(self.id, match.pid)
+            elif match.response in ("kill-sandbox", "end-episode"):
+                sb.stopped = reason
+                sb.backend.stop(self.id, reason)
+            elif match.response == "freeze":
+                sb.stopped = f"frozen for inspection: {reason}"
+                sb.backend.freeze(self.id, reason)
+        except Exception as exc:  # said in the ledger; the alert stands
+            sb.ledger.append_note(
+                {"event": "response failed", "alert": alert.id, "error": repr(exc)},
+                run_id=sb.run_id,
+            )
+            return f"{match.response} failed: {exc}"
+        return planned
+
+    def stop(self, reason: str) -> None:
+        self.sb.stopped = reason
+        self.sb.backend.stop(self.id, reason)
+        self.sb.ledger.append_note(
+            {"event": "sandbox stopped", "sandbox_id": self.id, "reason": reason},
+            run_id=self.sb.run_id,
+        )
+
+
+def _event_kind(kind: object) -> EventKind:
+    try:
+        return EventKind(str(kind))
+    except ValueError:
+        return EventKind.RESOURCE

