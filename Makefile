@@ -36,6 +36,7 @@ bench: setup
 	@$(BIN)/python bench/gate_bench.py --eval $(EVAL)
 	@$(BIN)/python bench/sandbox_bench.py
 	@$(BIN)/python bench/egress_bench.py
+	@$(BIN)/python bench/watch_bench.py
 
 lint: setup
 	@$(BIN)/ruff check src tests bench

@@ -30,7 +30,8 @@ from corral.policy import Policy
 from corral.sandbox import Sandbox
 from corral.watch.watcher import Watcher
 
-POOL = ("127.0.0.2", 3333)
+POOL = ("127.0.0.2", 3333)  # a stratum port; the first free one of STRATUM_PORTS is used
+STRATUM_PORTS = (3333, 4444, 5555, 7777, 14444)
 MINER = f"""
 import hashlib, json, socket, time
 open("started", "w").write(repr(time.time()))
@@ -47,9 +48,19 @@ JOB = "python3 -c 'sum(i * i for i in range(6_000_000))'"
 
 
 def _pool() -> socket.socket:
+    global POOL, MINER
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(POOL)
+    for port in STRATUM_PORTS:
+        try:
+            ls.bind((POOL[0], port))
+            break
+        except OSError:
+            continue
+    else:
+        raise SystemExit(f"no free stratum port on {POOL[0]} among {STRATUM_PORTS}")
+    MINER = MINER.replace(f":{POOL[1]} ", f":{port} ")
+    POOL = (POOL[0], port)
     ls.listen(16)
 
     def serve() -> None:

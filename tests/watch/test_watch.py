@@ -26,7 +26,8 @@ from corral.watch.watcher import Watcher
 
 from ..egress.servers import SSHServer
 
-POOL_HOST, POOL_PORT = "127.0.0.2", 3333
+POOL_HOST = "127.0.0.2"
+STRATUM_PORTS = (3333, 4444, 5555, 7777, 14444)  # all on the detectors' miner port list
 
 
 def policy(*allow: str, **extra: Any) -> Policy:
@@ -86,7 +87,13 @@ class MockPool:
     def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((POOL_HOST, POOL_PORT))
+        for port in STRATUM_PORTS:  # the first free one
+            try:
+                self.sock.bind((POOL_HOST, port))
+                break
+            except OSError:
+                continue
+        self.port = self.sock.getsockname()[1]
         self.sock.listen(8)
         self.messages: list[dict[str, Any]] = []
         threading.Thread(target=self._serve, daemon=True).start()
@@ -133,9 +140,9 @@ def test_a_miner_under_an_innocent_name_is_detected_and_killed(
     pool = MockPool()
     try:
         (tmp_path / "sync_data.py").write_text(
-            MINER.replace("POOL_HOST", POOL_HOST).replace("POOL_PORT", str(POOL_PORT))
+            MINER.replace("POOL_HOST", POOL_HOST).replace("POOL_PORT", str(pool.port))
         )
-        p = policy(f"{POOL_HOST}:{POOL_PORT}")
+        p = policy(f"{POOL_HOST}:{pool.port}")
         with Sandbox(p, tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
             r = sb.run("python3 sync_data.py", timeout=30)
             assert r.exit_code != 0
@@ -273,3 +280,23 @@ def test_kill_9_of_corral_keeps_the_ledger_and_leaves_nothing_running(tmp_path: 
         [sys.executable, "-m", "corral", "log"], env=env, capture_output=True, text=True
     ).stdout
     assert "sandbox created" in log and "sleep 1000.625" in log  # the exec, seen and kept
+
+
+def test_only_a_network_socket_on_stdio_counts_as_a_reverse_shell() -> None:
+    from corral.watch.watcher import _stdio_sockets
+
+    a, b = socket.socketpair()  # how many harnesses wire a tool's stdio
+    listener = socket.create_server(("127.0.0.1", 0))
+    tcp = socket.create_connection(listener.getsockname())
+    procs = [subprocess.Popen(["sleep", "5"], stdin=s) for s in (a, tcp)]
+    try:
+        assert wait_for(lambda: all(Path(f"/proc/{p.pid}/exe").exists() for p in procs))
+        time.sleep(0.05)
+        assert _stdio_sockets(procs[0].pid) is False
+        assert _stdio_sockets(procs[1].pid) is True
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for s in (a, b, listener, tcp):
+            s.close()

@@ -324,7 +324,7 @@ class BwrapBackend:
         if box is None:
             return []
         if box.cgroup is not None:
-            return box.cgroup.pids()
+            return box.cgroup.members()
         out: list[int] = []
         for launched in list(box.live):
             pid = launched.init_pid

@@ -144,6 +144,14 @@ class Cgroup:
             with open(f, "w") as fh:
                 fh.write(str(pid))
 
+    def members(self) -> list[int]:
+        """The processes in the cgroup, from one hierarchy (every process is put in all
+        of them): the watcher's cheap question, asked several times a second."""
+        try:
+            return [int(x) for x in self.procs_files[0].read_text().split()]
+        except (OSError, ValueError, IndexError):
+            return self.pids()
+
     def pids(self) -> list[int]:
         out: set[int] = set()
         for f in self.procs_files:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 CLONE_NEWNET = 0x40000000
@@ -84,7 +86,23 @@ def _make(endpoints: tuple[Endpoint, ...]) -> list[socket.socket]:
 
 def listeners_in(pid: int, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> dict[str, socket.socket]:
     """Sockets listening on the loopback of ``pid``'s network namespace, by endpoint name."""
-    socks = _via_thread(pid, endpoints) if os.geteuid() == 0 else _via_child(pid, endpoints)
+    make = _via_thread if os.geteuid() == 0 else _via_child
+    # bubblewrap brings the namespace's loopback up a moment after it reports the pid;
+    # until then 127.0.0.1 cannot be bound.
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            socks = make(pid, endpoints)
+            break
+        except OSError as exc:
+            if (
+                "Cannot assign requested address" not in str(exc)
+                and exc.errno != errno.EADDRNOTAVAIL
+            ):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
     return {ep.name: s for ep, s in zip(endpoints, socks, strict=True)}
 
 

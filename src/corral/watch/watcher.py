@@ -7,8 +7,7 @@ What it watches, per sandbox:
   it: a child inherits its parent's action, daemonised ones included (the parent is
   known before it goes); a process whose parent is not known gets the action that was
   running when it started;
-- resources: CPU per process on every tick (from /proc, 10 Hz by default), cgroup
-  totals;
+- resources: CPU per process on every tick (from /proc, 4 Hz by default);
 - GPUs: processes on a GPU and their use, through a ``GpuBackend`` (NVML, or a fake);
 - egress: what the proxy reports (pushed in by the sandbox as it arrives).
 
@@ -23,9 +22,11 @@ Fail closed: if the watcher's thread dies, every sandbox it watched is stopped.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import select
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -93,6 +94,7 @@ class _Proc:
     action_id: str | None
     ticks: int  # utime + stime at the last sample
     seen: float  # monotonic time of the last sample
+    comm: bytes  # the kernel's short name: when it changes, the process ran a new program
 
 
 @dataclass
@@ -111,23 +113,54 @@ def _read(path: str) -> bytes | None:
         return None
 
 
-def _stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, utime + stime ticks, start time in ticks since boot)."""
+def _stat(pid: int) -> tuple[int, int, int, bytes] | None:
+    """(ppid, utime + stime ticks, start time in ticks since boot, comm)."""
     raw = _read(f"/proc/{pid}/stat")
     if raw is None:
         return None
     try:
-        fields = raw.rsplit(b")", 1)[1].split()
-        return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19])
+        head, tail = raw.rsplit(b")", 1)
+        fields = tail.split()
+        comm = head.split(b"(", 1)[1]
+        return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19]), comm
     except (IndexError, ValueError):
         return None
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_PIDFD_GETFD = 438  # the same number on x86_64 and arm64
+
+
+def _socket_family(pid: int, fd: int) -> int | None:
+    """The address family of another process's socket, from a copy of its descriptor
+    (``pidfd_getfd``); None when it cannot be copied."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        copy = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if copy < 0:
+            return None
+        with socket.socket(fileno=copy) as sock:
+            return int(sock.family)
+    except OSError:
+        return None
+    finally:
+        os.close(pidfd)
+
+
 def _stdio_sockets(pid: int) -> bool:
+    """Is fd 0 or 1 a network socket? (A unix socket is how many harnesses wire stdio.)"""
     for fd in (0, 1):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                return True
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                continue
+        except OSError:
+            continue
+        family = _socket_family(pid, fd)
+        if family is None or family in (socket.AF_INET, socket.AF_INET6):
+            return True
     return False
 
 
@@ -151,7 +184,7 @@ class Watcher:
 
     def __init__(
         self,
-        interval: float = 0.1,
+        interval: float = 0.25,
         gpu: GpuBackend | None = None,
         rules: DetectorRules | None = None,
         use_connector: bool = True,
@@ -276,7 +309,7 @@ class Watcher:
             sid = _sandbox_of(ev.pid)
             w = self._watched.get(sid) if sid else None
             if w is not None:
-                self._seen(w, ev.pid, time.monotonic())
+                self._seen(w, ev.pid, time.monotonic(), execed=True)
 
     def _tick(self) -> None:
         with self._lock:
@@ -315,15 +348,21 @@ class Watcher:
                     },
                 )
 
-    def _seen(self, w: _Watched, pid: int, now: float) -> None:
-        """A process of a watched sandbox: new ones are execs; known ones are sampled."""
+    def _seen(self, w: _Watched, pid: int, now: float, execed: bool = False) -> None:
+        """A process of a watched sandbox: new ones are execs; known ones are sampled.
+        ``execed``: the kernel just said it ran a new program."""
         stat = _stat(pid)
         if stat is None:
             return
-        ppid, ticks, start = stat
+        ppid, ticks, start, comm = stat
         proc = w.procs.get(pid)
-        argv_raw = _read(f"/proc/{pid}/cmdline") or b""
-        argv = [a.decode(errors="replace") for a in argv_raw.split(b"\0") if a]
+        # The command line is read only for what is new: reading it on every tick for
+        # every process was the watcher's largest cost.
+        if proc is None or execed or comm != proc.comm:
+            argv_raw = _read(f"/proc/{pid}/cmdline") or b""
+            argv = [a.decode(errors="replace") for a in argv_raw.split(b"\0") if a]
+        else:
+            argv = proc.argv
         if proc is None or (argv and argv != proc.argv):
             parent = w.procs.get(ppid)
             if parent is not None and ppid not in w.roots:
@@ -340,7 +379,7 @@ class Watcher:
             exe = ""
             with contextlib.suppress(OSError):
                 exe = os.readlink(f"/proc/{pid}/exe")
-            proc = _Proc(pid, argv, exe, action, ticks, now)
+            proc = _Proc(pid, argv, exe, action, ticks, now, comm)
             w.procs[pid] = proc
             event = {
                 "kind": "exec",
