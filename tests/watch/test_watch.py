@@ -300,3 +300,39 @@ def test_only_a_network_socket_on_stdio_counts_as_a_reverse_shell() -> None:
             p.wait()
         for s in (a, b, listener, tcp):
             s.close()
+
+
+def test_freeze_stops_every_process_where_it_is(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    p = policy(detectors={"tunnel-tool": {"response": "freeze"}})
+    shutil.copy("/bin/sleep", tmp_path / "chisel")
+    with Sandbox(p, tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        sb.run("sleep 1000.875 &")
+        sb.run("(./chisel 1000.5 &) ; echo started")
+        frozen = wait_for(lambda: [a for a in alerts(ledger) if a["detector"] == "tunnel-tool"])
+        assert frozen and "froze" in frozen[0]["response"]
+
+        def states() -> set[str]:
+            out = set()
+            for pid in running("1000.875") + running("chisel 1000.5"):
+                out.add(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+            return out
+
+        assert wait_for(lambda: states() == {"T"})  # stopped, kept for inspection
+        with pytest.raises(SandboxError, match="frozen"):
+            sb.run("echo more")
+    assert wait_for(lambda: not running("1000.875") and not running("chisel 1000.5"))
+
+
+def test_the_watcher_samples_each_sandbox_several_times_a_second(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    with Sandbox(policy(), tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        sb.run("sleep 30 &")
+        before = watcher.ticks
+        time.sleep(1.0)
+        assert watcher.ticks - before >= 4  # ≥ 4 Hz
+        got = watcher.latest(sb.id)
+        assert got is not None and got["pids"] >= 3  # init, shell, sleep
+        assert got["cpu_s"] is not None and got["peak_memory"]

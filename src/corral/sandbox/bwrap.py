@@ -332,6 +332,19 @@ class BwrapBackend:
                 out.extend(_descendants(pid))
         return out
 
+    def usage(self, sandbox_id: str) -> dict[str, Any] | None:
+        """The sandbox's cgroup totals now; None without a cgroup."""
+        box = self._boxes.get(sandbox_id)
+        if box is None or box.cgroup is None:
+            return None
+        u = box.cgroup.usage()
+        return {
+            "cpu_s": u.cpu_seconds,
+            "peak_memory": u.peak_memory,
+            "oom_kills": u.oom_kills,
+            "pids_limited": u.pids_limited,
+        }
+
     def roots(self, sandbox_id: str) -> set[int]:
         """Each bubblewrap's pid 1 and the process it runs (the session's shell)."""
         box = self._boxes.get(sandbox_id)

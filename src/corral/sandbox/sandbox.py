@@ -317,6 +317,9 @@ class _Target:
     def roots(self) -> set[int]:
         return self.sb.backend.roots(self.id)
 
+    def usage(self) -> Mapping[str, Any] | None:
+        return self.sb.backend.usage(self.id)
+
     def action_at(self, t: float) -> tuple[str | None, bool]:
         action = self.sb._action_at(t)
         if action is None:

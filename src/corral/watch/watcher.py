@@ -59,6 +59,10 @@ class WatchTarget(Protocol):
         """Host pids of every process in the sandbox now."""
         ...
 
+    def usage(self) -> Mapping[str, Any] | None:
+        """The sandbox's cgroup totals now (CPU seconds, peak memory, OOM kills)."""
+        ...
+
     def roots(self) -> set[int]:
         """The sandbox's own long-lived processes (each bubblewrap's pid 1 and the shell
         it runs): what they start belongs to the action running at the time, not to
@@ -200,6 +204,8 @@ class Watcher:
         self._stop = threading.Event()
         self.died: str | None = None
         self.ticks = 0
+        # The last cgroup sample of each sandbox, for a live view (``latest``).
+        self._latest: dict[str, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._main, name="corral-watch", daemon=True)
         self._thread.start()
 
@@ -229,6 +235,14 @@ class Watcher:
     def unwatch(self, sandbox_id: str) -> None:
         with self._lock:
             self._watched.pop(sandbox_id, None)
+            self._latest.pop(sandbox_id, None)
+
+    def latest(self, sandbox_id: str) -> dict[str, Any] | None:
+        """The sandbox's most recent sample: cgroup totals, process count, the busiest
+        process (taken on every tick, 4 Hz by default)."""
+        with self._lock:
+            got = self._latest.get(sandbox_id)
+            return dict(got) if got else None
 
     def push(self, sandbox_id: str, event: dict[str, Any]) -> None:
         """An event observed elsewhere (the egress proxy), for the detectors."""
@@ -326,6 +340,12 @@ class Watcher:
                 w.roots = w.target.roots()
             for pid in pids:
                 self._seen(w, pid, now)
+            sample: dict[str, Any] = {"kind": "resource", "t": time.time(), "pids": len(pids)}
+            with contextlib.suppress(Exception):
+                sample.update(w.target.usage() or {})
+            with self._lock:
+                self._latest[w.target.id] = sample
+            self._feed(w, sample)
             for pid in [p for p in w.procs if p not in alive]:
                 del w.procs[pid]
                 w.engine.forget_pid(w.target.id, pid)
