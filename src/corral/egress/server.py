@@ -403,6 +403,9 @@ class Proxy:
             self.record(lane, protocol, who, decision, **fields)
             _send(client, self._refusal(state, decision))
             return
+        # Found before anything is forwarded: once its answer arrives, a quick client
+        # may be gone before the lookup (run beside the connect) is done.
+        _settled(who)
         with up:
             if head.is_connect:
                 _send(client, b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -457,6 +460,7 @@ class Proxy:
             }.get(decision.rule, socks5.REPLY_NOT_ALLOWED)
             _send(client, socks5.reply(code))
             return
+        _settled(who)
         with up:
             bound = up.getsockname()
             _send(client, socks5.reply(socks5.REPLY_SUCCEEDED, bound[0], bound[1]))
@@ -677,6 +681,11 @@ class Proxy:
             state.bytes_used += n
         counts[index] += n
         return n
+
+
+def _settled(fut: Future[Any], timeout: float = 2.0) -> None:
+    with contextlib.suppress(Exception):
+        fut.result(timeout)
 
 
 def _request_body(
