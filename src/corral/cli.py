@@ -348,10 +348,14 @@ def _format_record(rec: dict[str, Any]) -> str:
             f"{flags or step:<10} {_short(what, 60)}"
         )
     if rec["kind"] == "alert":
-        return (
+        where = f" (step {rec['step']})" if rec.get("step") is not None else ""
+        lines = [
             f"{head} {body.get('severity', '?'):<5} {body.get('category', '?'):<20} "
-            f"{body.get('detector', '?')}: {_short(str(body.get('response') or ''), 60)}"
-        )
+            f"{body.get('detector', '?')}{where}: {_short(str(body.get('response') or ''), 60)}"
+        ]
+        for ev in body.get("evidence") or []:
+            lines.append(f"{'':<36}  evidence: {_format_evidence(ev)}")
+        return "\n".join(lines)
     if rec["kind"] == "event" and body.get("kind") == "exec":
         f = body.get("fields") or {}
         argv = " ".join(map(str, f.get("argv") or [])) or str(f.get("exe", "?"))
@@ -359,6 +363,18 @@ def _format_record(rec: dict[str, Any]) -> str:
     if rec["kind"] == "event" and body.get("kind") in ("net", "dns"):
         return f"{head} {_format_net(body.get('kind', ''), body.get('fields') or {})}"
     return f"{head} {_short(json.dumps(body), 110)}"
+
+
+def _format_evidence(ev: dict[str, Any]) -> str:
+    f = ev.get("fields") or {}
+    kind = ev.get("kind", "?")
+    pid = f"pid {ev['pid']} " if ev.get("pid") else ""
+    if kind == "exec":
+        return f"exec {pid}{_short(' '.join(map(str, f.get('argv') or [])), 70)}"
+    if kind in ("net", "dns"):
+        return _format_net(kind, f)
+    detail = {k: f[k] for k in ("cpu", "util", "memory", "path", "argv") if k in f}
+    return f"{kind} {pid}{_short(json.dumps(detail), 80)}"
 
 
 def _format_net(kind: str, f: dict[str, Any]) -> str:
