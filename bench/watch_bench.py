@@ -44,7 +44,7 @@ while True:
     n += 1
     hashlib.sha256(n.to_bytes(8, "little")).digest()
 """
-JOB = "python3 -c 'sum(i * i for i in range(6_000_000))'"
+JOB = "python3 -c 'sum(i * i for i in range(20_000_000))'"
 
 
 def _pool() -> socket.socket:

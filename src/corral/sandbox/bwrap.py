@@ -451,6 +451,8 @@ class BwrapBackend:
                 _set_rlimits(pid, box.spec)
             box.live.add(launched)
             launched.on_release.append(lambda: box.live.discard(launched))
+            if box.on_event is not None:
+                box.on_event({"type": "launched", "pid": pid})
             if box.spec.network is not None:
                 self._connect_egress(sandbox_id, box, pid, launched)
 

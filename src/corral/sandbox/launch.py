@@ -42,24 +42,14 @@ class Launched:
     init: int | None
     # Run once when this bubblewrap is done with (its egress sockets handed back, say).
     on_release: list[Callable[[], None]] = field(default_factory=list)
+    _init_pid: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def init_pid(self) -> int | None:
         """The host pid of the sandbox's pid 1, while it runs."""
         with self._lock:
-            fd = self.init
-            if fd is None:
-                return None
-            try:
-                with open(f"/proc/self/fdinfo/{fd}") as f:
-                    for line in f:
-                        if line.startswith("Pid:"):
-                            pid = int(line.split()[1])
-                            return pid if pid > 0 else None
-            except (OSError, ValueError):
-                return None
-        return None
+            return self._init_pid if self.init is not None else None
 
     def terminate(self) -> None:
         """SIGKILL to every process of this bubblewrap, from any thread; whoever owns it
@@ -141,6 +131,7 @@ def launch(
             if pid is None:  # bubblewrap failed before making the sandbox
                 return launched
             launched.init = os.pidfd_open(pid)
+            launched._init_pid = pid
             confine(pid, launched)
         except ProcessLookupError:
             launched.kill()  # it died while being built; its stderr says why

@@ -22,7 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from corral.ledger import Ledger
-from corral.model import Action, Alert, Category, Decision, Event, EventKind, Severity, Verdict
+from corral.model import (
+    Action,
+    Alert,
+    Category,
+    Decision,
+    Event,
+    EventKind,
+    Severity,
+    Verdict,
+    new_id,
+)
 from corral.paths import corral_home, default_ledger_path
 from corral.policy import Policy
 from corral.sandbox import protected
@@ -223,6 +233,10 @@ class Sandbox:
                 self._alerts.append(alert)
                 self.alerts.append(alert)
             return
+        if kind == "launched":  # a new bubblewrap: the watcher follows its children
+            if self.watcher is not None:
+                self.watcher.adopt(self.id, int(event["pid"]))
+            return
         if kind == "stopped":
             self.stopped = str(event.get("reason"))
         if self.watcher is not None and kind in ("net", "dns"):
@@ -345,17 +359,22 @@ class _Target:
         }
 
     def record(self, event: Mapping[str, Any]) -> None:
-        fields = {k: v for k, v in event.items() if k not in ("sandbox", "t", "kind")}
-        pid = event.get("pid")
-        ev = Event(
-            kind=EventKind.EXEC,
-            sandbox_id=self.id,
-            fields=fields,
-            pid=pid if isinstance(pid, int) else None,
-            ppid=event.get("ppid") if isinstance(event.get("ppid"), int) else None,
-            action_id=event.get("action_id"),
+        # Built by hand: dataclasses.asdict deep-copies, and this runs for every exec.
+        pid, ppid = event.get("pid"), event.get("ppid")
+        body = {
+            "kind": EventKind.EXEC.value,
+            "sandbox_id": self.id,
+            "fields": {k: v for k, v in event.items() if k not in ("sandbox", "t", "kind")},
+            "pid": pid if isinstance(pid, int) else None,
+            "ppid": ppid if isinstance(ppid, int) else None,
+            "action_id": event.get("action_id"),
+            "time": float(event.get("t", time.time())),
+            "id": new_id(),
+        }
+        action_id = event.get("action_id")
+        self.sb.ledger.append(
+            "event", body, **self._where(action_id if isinstance(action_id, str) else None)
         )
-        self.sb.ledger.append("event", ev.to_dict(), **self._where(ev.action_id))
 
     def respond(self, match: Match) -> str:
         """Record the alert, then act: a command killed by the response returns with

@@ -168,18 +168,6 @@ def _stdio_sockets(pid: int) -> bool:
     return False
 
 
-def _sandbox_of(pid: int) -> str | None:
-    """The sandbox id in a process's cgroup path (``corral-<id>``), if any."""
-    raw = _read(f"/proc/{pid}/cgroup")
-    if raw is None:
-        return None
-    at = raw.find(b"/corral-")
-    if at < 0:
-        return None
-    name = raw[at + 8 : at + 8 + 16]
-    return name.decode() if len(name) == 16 else None
-
-
 class Watcher:
     """Watches sandboxes from one thread; ``shared()`` is this process's."""
 
@@ -206,6 +194,7 @@ class Watcher:
         self.ticks = 0
         # The last cgroup sample of each sandbox, for a live view (``latest``).
         self._latest: dict[str, dict[str, Any]] = {}
+        self._pid_sandbox: dict[int, str] = {}  # every known process of a watched sandbox
         self._thread = threading.Thread(target=self._main, name="corral-watch", daemon=True)
         self._thread.start()
 
@@ -234,8 +223,10 @@ class Watcher:
 
     def unwatch(self, sandbox_id: str) -> None:
         with self._lock:
-            self._watched.pop(sandbox_id, None)
+            w = self._watched.pop(sandbox_id, None)
             self._latest.pop(sandbox_id, None)
+        for pid in list(w.procs) if w else []:
+            self._pid_sandbox.pop(pid, None)
 
     def latest(self, sandbox_id: str) -> dict[str, Any] | None:
         """The sandbox's most recent sample: cgroup totals, process count, the busiest
@@ -243,6 +234,11 @@ class Watcher:
         with self._lock:
             got = self._latest.get(sandbox_id)
             return dict(got) if got else None
+
+    def adopt(self, sandbox_id: str, pid: int) -> None:
+        """A sandbox's new pid 1, before it runs anything: what it forks is known to be
+        the sandbox's from the first fork event on, not only from the next scan."""
+        self._pid_sandbox[pid] = sandbox_id
 
     def push(self, sandbox_id: str, event: dict[str, Any]) -> None:
         """An event observed elsewhere (the egress proxy), for the detectors."""
@@ -318,9 +314,17 @@ class Watcher:
     def _connector_events(self) -> None:
         assert self._connector is not None
         for ev in self._connector.read():
-            if ev.what != "exec":
+            if ev.what == "fork":
+                # A child of a sandbox's process is in that sandbox: known before its
+                # exec, without reading /proc for every exec on the machine.
+                sid = self._pid_sandbox.get(ev.ppid) if ev.ppid is not None else None
+                if sid is not None:
+                    self._pid_sandbox[ev.pid] = sid
                 continue
-            sid = _sandbox_of(ev.pid)
+            if ev.what == "exit":
+                self._pid_sandbox.pop(ev.pid, None)
+                continue
+            sid = self._pid_sandbox.get(ev.pid)
             w = self._watched.get(sid) if sid else None
             if w is not None:
                 self._seen(w, ev.pid, time.monotonic(), execed=True)
@@ -348,6 +352,7 @@ class Watcher:
             self._feed(w, sample)
             for pid in [p for p in w.procs if p not in alive]:
                 del w.procs[pid]
+                self._pid_sandbox.pop(pid, None)
                 w.engine.forget_pid(w.target.id, pid)
             for g in gpu_procs:
                 proc = w.procs.get(g.pid)
@@ -401,6 +406,7 @@ class Watcher:
                 exe = os.readlink(f"/proc/{pid}/exe")
             proc = _Proc(pid, argv, exe, action, ticks, now, comm)
             w.procs[pid] = proc
+            self._pid_sandbox[pid] = w.target.id
             event = {
                 "kind": "exec",
                 "pid": pid,
