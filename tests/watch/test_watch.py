@@ -309,7 +309,9 @@ def test_freeze_stops_every_process_where_it_is(
     shutil.copy("/bin/sleep", tmp_path / "chisel")
     with Sandbox(p, tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
         sb.run("sleep 1000.875 &")
-        sb.run("(./chisel 1000.5 &) ; echo started")
+        t0 = time.monotonic()
+        r = sb.run("./chisel 1000.5; echo after", timeout=60)  # frozen mid-command
+        assert time.monotonic() - t0 < 10 and r.exit_code == 137 and "after" not in r.stdout
         frozen = wait_for(lambda: [a for a in alerts(ledger) if a["detector"] == "tunnel-tool"])
         assert frozen and "froze" in frozen[0]["response"]
 

@@ -479,7 +479,7 @@ class BwrapBackend:
         def spawn(command: list[str], io_dir: Path, **popen: Any) -> Launched:
             return self._launch(sandbox_id, command, io_dir=io_dir, **popen)
 
-        box.session = ShellSession(spawn)
+        box.session = ShellSession(spawn, halted=lambda: box.stopped)
         return box.session
 
     def exec(
@@ -512,8 +512,10 @@ class BwrapBackend:
         start = time.perf_counter()
         o = session.run(command, limit)
         code = EXIT_TIMEOUT if o.status is None else o.status
+        if o.ended == "halted":
+            code = 128 + signal.SIGKILL
         timed_out = o.ended == "timeout"
-        if o.ended and box.cgroup:
+        if o.ended in ("timeout", "exit") and box.cgroup:
             # The pid namespace dies with its init a moment after bubblewrap; wait for
             # every process (daemons included) to be gone before answering.
             box.cgroup.kill_all()

@@ -59,17 +59,26 @@ class Outcome:
     status: int | None  # None when the time limit ended the command
     stdout: bytes
     stderr: bytes
-    ended: str | None  # "timeout" or "exit" when the session ended with the command
+    ended: str | None  # "timeout", "exit" or "halted" when the command did not finish
 
 
 class SessionDied(SandboxError):
     """The session's shell ended (``exit``, a kill, a limit) before answering."""
 
 
+class SessionHalted(SandboxError):
+    """The sandbox was stopped or frozen from outside while a command ran."""
+
+
 class ShellSession:
-    def __init__(self, spawn: Callable[..., Launched]) -> None:
+    def __init__(
+        self, spawn: Callable[..., Launched], halted: Callable[[], str | None] | None = None
+    ) -> None:
         """``spawn(command, io_dir, **popen)`` starts a bubblewrap that binds ``io_dir``
-        at ``/run/corral`` and runs ``command``, keeping ``popen["pass_fds"]`` open."""
+        at ``/run/corral`` and runs ``command``, keeping ``popen["pass_fds"]`` open.
+        ``halted()`` says why the sandbox was stopped or frozen from outside, if it was:
+        a command in flight then returns instead of waiting on a frozen shell."""
+        self._halted = halted
         # Not the shared /tmp: corral's own private directory.
         self.io = Path(tempfile.mkdtemp(prefix="io-", dir=runtime_dir()))
         ctrl_r, ctrl_w = os.pipe()
@@ -130,6 +139,9 @@ class ShellSession:
                 # not a reliable sign of death: the shell's own exit is.
                 if self.proc.poll() is not None:
                     raise SessionDied("the sandbox's shell ended")
+                why = self._halted() if self._halted is not None else None
+                if why is not None:
+                    raise SessionHalted(why)
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
                 continue
@@ -167,6 +179,10 @@ class ShellSession:
                 if got_id == cid:
                     status = int(text) if text.isdigit() else 1
                     break
+        except SessionHalted:
+            # Frozen processes stay as they are, for inspection; the caller gets control.
+            ended = "halted"
+            status = None
         except SessionDied:
             # `exit` in the command, or a kill from outside: the shell's status is the
             # command's (bubblewrap passes its child's status on).
