@@ -338,3 +338,25 @@ def test_the_watcher_samples_each_sandbox_several_times_a_second(
         got = watcher.latest(sb.id)
         assert got is not None and got["pids"] >= 3  # init, shell, sleep
         assert got["cpu_s"] is not None and got["peak_memory"]
+
+
+def test_a_sandbox_failing_under_the_watcher_does_not_stop_the_others(tmp_path: Path) -> None:
+    w = Watcher(gpu=FakeGpuBackend())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    try:
+        broken_ledger = Ledger.memory()
+        with Ledger.memory() as ok_ledger:
+            broken = Sandbox(policy(), tmp_path / "a", gate=False, ledger=broken_ledger, watch=w)
+            healthy = Sandbox(policy(), tmp_path / "b", gate=False, ledger=ok_ledger, watch=w)
+            broken.run("(while true; do sleep 0.05; done) > /dev/null 2>&1 &")
+            broken_ledger.close()  # every record the watcher makes for it now fails
+            time.sleep(1.0)
+            assert w.died is None
+            assert healthy.run("echo fine").stdout == "fine\n"
+            healthy.close()
+            with pytest.raises(Exception):  # noqa: B017 - its own ledger is gone
+                broken.close()
+            broken.backend.close(broken.id)
+    finally:
+        w.close()

@@ -327,7 +327,8 @@ class Watcher:
             sid = self._pid_sandbox.get(ev.pid)
             w = self._watched.get(sid) if sid else None
             if w is not None:
-                self._seen(w, ev.pid, time.monotonic(), execed=True)
+                with contextlib.suppress(OSError):
+                    self._seen(w, ev.pid, time.monotonic(), execed=True)
 
     def _tick(self) -> None:
         with self._lock:
@@ -416,7 +417,10 @@ class Watcher:
                 "action_id": action,
                 "stdio_sockets": _stdio_sockets(pid),
             }
-            w.target.record(event)
+            # A sandbox closing under the watcher cannot record any more: not the
+            # watcher's failure (which would stop every sandbox).
+            with contextlib.suppress(Exception):
+                w.target.record(event)
             self._feed(w, event)
             return
         dt = now - proc.seen
