@@ -268,6 +268,19 @@ def test_kill_9_of_corral_keeps_the_ledger_and_leaves_nothing_running(tmp_path: 
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == b"started"
     assert wait_for(lambda: running("sleep 1000.625"))
+
+    def recorded() -> bool:
+        # Read as another process would; the watcher scans at 4 Hz where the kernel's
+        # exec events are out of reach (a container), so give it a moment.
+        if not (home / "ledger.db").exists():
+            return False
+        with Ledger.open(home / "ledger.db", create=False) as led:
+            return any(
+                "1000.625" in " ".join(rec.body.get("fields", {}).get("argv") or [])
+                for rec in led.records(kinds="event")
+            )
+
+    assert wait_for(recorded)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
