@@ -30,6 +30,14 @@ class Contained:
 
 
 @dataclass(frozen=True, slots=True)
+class Watched:
+    say: str
+    command: str
+    alert: str
+    within: float
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     say: str
     command: str
@@ -83,6 +91,59 @@ def replay_contained(console: Console, ledger: Ledger, run_id: str) -> list[str]
             console.print(f"         exit {r.exit_code} · {escape(last[:110])}")
             if not held:
                 misses.append(f"contained {i}: expected {c.shows!r} in {said[-200:]!r}")
+    return misses
+
+
+def load_watched() -> list[Watched]:
+    raw = _trajectory()
+    return [
+        Watched(w["say"], w["command"], w["alert"], float(w.get("within", 5)))
+        for w in raw.get("watched", [])
+    ]
+
+
+def replay_watched(console: Console, ledger: Ledger, run_id: str) -> list[str]:
+    """Run what only behaviour gives away, each in a sandbox of its own, and show what
+    the watcher raised and did; the misses, if any."""
+    import tempfile
+
+    from corral.sandbox import Sandbox
+
+    policy = Policy.from_dict(
+        {
+            "version": 1,
+            "extends": "strict",
+            "name": "strict-gate-off-watched",
+            "network": {"mode": "proxy"},
+            "resources": {"memory": "256MiB", "pids": 64},
+        }
+    )
+    misses = []
+    console.print(
+        "\n[bold]What only behaviour gives away[/]: the watcher judges what the processes do"
+    )
+    for i, w in enumerate(load_watched(), 1):
+        with (
+            tempfile.TemporaryDirectory(prefix="corral-demo-") as ws,
+            Sandbox(policy, ws, gate=False, ledger=ledger, run_id=run_id) as sb,
+        ):
+            r = sb.run(w.command, timeout=30)
+            deadline = time.monotonic() + w.within
+            while time.monotonic() < deadline and not any(
+                a.category.value == w.alert for a in sb.alerts
+            ):
+                time.sleep(0.05)
+            found = [a for a in sb.alerts if a.category.value == w.alert]
+        mark = "[green]CAUGHT[/]" if found else "[bold red]MISSED[/]"
+        console.print(f"[dim]{i:>2}[/] {mark} {escape(w.command)}")
+        console.print(f"         [dim]agent: {escape(w.say)}[/]")
+        if found:
+            a = found[0]
+            console.print(
+                f"         {a.category.value} · {a.detector} · {escape(str(a.response)[:100])}"
+            )
+        else:
+            misses.append(f"watched {i}: no {w.alert} alert (exit {r.exit_code})")
     return misses
 
 
@@ -152,6 +213,7 @@ def run_demo(*, policy_name: str, ledger_path: Path, home: Path, as_json: bool =
     with Ledger.open(ledger_path) as ledger:
         if not as_json:
             misses.extend(replay_contained(console, ledger, run_id))
+            misses.extend(replay_watched(console, ledger, run_id))
         report = ledger.verify()
     if not as_json:
         state = "[green]intact[/]" if report.ok else f"[red]BROKEN[/] ({report.problem})"
