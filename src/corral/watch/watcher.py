@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from corral.watch.engine import Engine, Match
+from corral.watch.files import FileWatch
 from corral.watch.gpu import GpuBackend, open_backend
 from corral.watch.procevents import ProcConnector
 from corral.watch.rules import DetectorRules, load_detectors
@@ -57,6 +58,10 @@ class WatchTarget(Protocol):
 
     def processes(self) -> list[int]:
         """Host pids of every process in the sandbox now."""
+        ...
+
+    def watched_dirs(self) -> list[str]:
+        """Directories inside the sandbox whose writes matter (its home, ``.ssh``)."""
         ...
 
     def usage(self) -> Mapping[str, Any] | None:
@@ -107,6 +112,7 @@ class _Watched:
     engine: Engine
     procs: dict[int, _Proc] = field(default_factory=dict)
     roots: set[int] = field(default_factory=set)
+    file_pid: int | None = None  # the process whose /proc/PID/root the watches went through
 
 
 def _read(path: str) -> bytes | None:
@@ -185,6 +191,12 @@ class Watcher:
         self.rules = rules or load_detectors()
         self.gpu = gpu if gpu is not None else open_backend()
         self._connector = ProcConnector.open() if use_connector else None
+        try:
+            self._files: FileWatch | None = FileWatch()
+        except OSError:
+            self._files = None
+        # inotify watch descriptor -> (sandbox id, the directory as the sandbox sees it)
+        self._file_dirs: dict[int, tuple[str, str]] = {}
         self._watched: dict[str, _Watched] = {}
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
@@ -211,6 +223,8 @@ class Watcher:
         out = ["cgroup scan", "per-process CPU"]
         if self._connector is not None:
             out.append("proc connector (every exec as it happens)")
+        if self._files is not None:
+            out.append("inotify (writes to home and .ssh)")
         if self.gpu is not None:
             out.append(f"GPU ({self.gpu.name})")
         return out
@@ -259,6 +273,8 @@ class Watcher:
         self._thread.join(5)
         if self._connector is not None:
             self._connector.close()
+        if self._files is not None:
+            self._files.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -286,6 +302,8 @@ class Watcher:
         poller.register(self._wake_r, select.POLLIN)
         if self._connector is not None:
             poller.register(self._connector.fileno(), select.POLLIN)
+        if self._files is not None:
+            poller.register(self._files.fileno(), select.POLLIN)
         next_tick = time.monotonic()
         while not self._stop.is_set():
             wait = max(0.0, next_tick - time.monotonic())
@@ -293,6 +311,8 @@ class Watcher:
                 if fd == self._wake_r:
                     with contextlib.suppress(OSError):
                         os.read(self._wake_r, 4096)
+                elif self._files is not None and fd == self._files.fileno():
+                    self._file_events()
                 elif self._connector is not None:
                     self._connector_events()
             self._drain()
@@ -330,6 +350,49 @@ class Watcher:
                 with contextlib.suppress(OSError):
                     self._seen(w, ev.pid, time.monotonic(), execed=True)
 
+    def _watch_files(self, w: _Watched) -> None:
+        """Put inotify watches on the sandbox's home (again, after a new bubblewrap:
+        each has a home of its own)."""
+        if self._files is None or not w.roots or w.file_pid in w.roots:
+            return
+        pid = min(w.roots)
+        w.file_pid = pid
+        for inner in w.target.watched_dirs():
+            wd = self._files.add(f"/proc/{pid}/root{inner}")
+            if wd is not None:
+                self._file_dirs[wd] = (w.target.id, inner)
+
+    def _file_events(self) -> None:
+        assert self._files is not None
+        for _, ev in self._files.read():
+            where = self._file_dirs.get(ev.wd)
+            if where is None or not ev.name:
+                continue
+            sid, inner = where
+            w = self._watched.get(sid)
+            if w is None:
+                continue
+            path = f"{inner}/{ev.name}"
+            if not ev.is_dir:
+                self._file_written(w, path)
+            elif path in w.target.watched_dirs() and w.file_pid is not None:
+                where_then = f"/proc/{w.file_pid}/root{path}"
+                wd = self._files.add(where_then)
+                if wd is not None:
+                    self._file_dirs[wd] = (sid, path)
+                # What was written before the watch was in place (`mkdir -p ~/.ssh &&
+                # echo key >> ~/.ssh/authorized_keys` races it).
+                with contextlib.suppress(OSError):
+                    for name in os.listdir(where_then):
+                        self._file_written(w, f"{path}/{name}")
+
+    def _file_written(self, w: _Watched, path: str) -> None:
+        action, _ = w.target.action_at(time.time())
+        event = {"kind": "file", "path": path, "op": "write", "pid": None, "action_id": action}
+        with contextlib.suppress(Exception):
+            w.target.record(event)
+        self._feed(w, event)
+
     def _tick(self) -> None:
         with self._lock:
             watched = list(self._watched.values())
@@ -345,6 +408,7 @@ class Watcher:
                 w.roots = w.target.roots()
             for pid in pids:
                 self._seen(w, pid, now)
+            self._watch_files(w)
             sample: dict[str, Any] = {"kind": "resource", "t": time.time(), "pids": len(pids)}
             with contextlib.suppress(Exception):
                 sample.update(w.target.usage() or {})
