@@ -76,6 +76,7 @@ POSITIVE: list[tuple[str, dict[str, Any]]] = [
     ("tunnel-ssh-forward", exe("ssh", "-N", "-R", "9999:127.0.0.1:22", "u@h")),
     ("tunnel-ssh-forward", exe("ssh", "-fNL", "8080:localhost:80", "u@h")),  # a cluster
     ("tunnel-ssh-forward", exe("ssh", "-D1080", "u@h")),
+    ("tunnel-ssh-forward", exe("ssh", "-p", "22", "-NR", "9:localhost:22", "u@h")),
     ("tunnel-ssh-forward", exe("ssh", "-R8080:localhost:80", "u@h")),
     ("tunnel-ssh-forward", exe("ssh", "-o", "RemoteForward=9000 localhost:22", "u@h")),
     ("tunnel-ssh-forward", exe("ssh", "-oDynamicForward=1080", "u@h")),
@@ -130,6 +131,10 @@ NEGATIVE: list[tuple[str, dict[str, Any]]] = [
     ("gpu-hijack", gpu(97.0, granted=True)),
     ("gpu-hijack", gpu(10.0, granted=False)),
     ("tunnel-ssh-forward", exe("ssh", "user@host", "ls")),
+    # -R after the destination belongs to the remote command, not to ssh.
+    ("tunnel-ssh-forward", exe("ssh", "user@host", "ls", "-lR", "/srv")),
+    # -L's letter inside an option's value (-i Lkey) is not the option.
+    ("tunnel-ssh-forward", exe("ssh", "-i", "-Lkey", "host", "true")),
     ("tunnel-ssh-forward", exe("ssh", "-p", "2222", "-i", "key", "-l", "me", "host", "uptime")),
     (
         "tunnel-ssh-forward",

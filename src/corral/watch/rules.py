@@ -78,6 +78,7 @@ APPLIES: dict[str, frozenset[str]] = {
     "args": _PROCESS,
     "argv": _PROCESS,
     "args_any": _PROCESS,
+    "options_any": _PROCESS,
     "stdio_sockets": frozenset({"exec"}),
     "port": frozenset({"net"}),
     "host": frozenset({"net", "dns"}),
@@ -105,6 +106,7 @@ _COST = {
     "ip": 4,
     "path": 4,
     "args_any": 5,
+    "options_any": 5,
     "args": 6,
     "argv": 7,
 }
@@ -131,6 +133,16 @@ class _Burst(BaseModel):
     distinct: Literal["port", "host", "ip", "name"]
 
 
+class _Options(BaseModel):
+    """Single-letter options looked for before the program's first operand (after it,
+    ``-R`` may belong to a remote command: ``ssh host ls -lR``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flags: StrList
+    takes_value: StrictStr = ""  # option letters whose value follows them
+
+
 class _Cond(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -138,6 +150,7 @@ class _Cond(BaseModel):
     args: StrList | None = None
     argv: StrList | None = None
     args_any: StrList | None = None
+    options_any: _Options | None = None
     stdio_sockets: StrictBool | None = None
     port: Annotated[list[Any], BeforeValidator(_listify)] | None = None
     host: StrList | None = None
@@ -456,6 +469,28 @@ def _args_any_test(tokens: frozenset[str], cluster: re.Pattern[str] | None) -> T
     return test
 
 
+def _options_any_test(letters: frozenset[str], takes: frozenset[str]) -> Test:
+    def test(view: EventView) -> bool:
+        argv = view.event.get("argv") or []
+        i = 1
+        while i < len(argv):
+            arg = str(argv[i])
+            if arg == "--" or arg == "-" or not arg.startswith("-"):
+                return False  # the first operand: what follows is not the program's
+            if not arg.startswith("--"):
+                for j, ch in enumerate(arg[1:], 1):
+                    if ch in letters:
+                        return True
+                    if ch in takes:
+                        if j == len(arg) - 1:
+                            i += 1  # its value is the next argument
+                        break  # the rest of this argument is its value
+            i += 1
+        return False
+
+    return test
+
+
 def _port_test(ports: frozenset[int]) -> Test:
     def test(view: EventView) -> bool:
         return view.event.get("port") in ports
@@ -620,6 +655,13 @@ class _RuleCompiler:
             letters = "".join(t[1] for t in value if re.fullmatch(r"-[A-Za-z]", t))
             cluster = re.compile(f"-[A-Za-z]*[{letters}][A-Za-z]*$") if letters else None
             return Condition(key, _args_any_test(frozenset(value), cluster), (*value,))
+        if key == "options_any":
+            flags = [f for f in value.flags if re.fullmatch(r"-[A-Za-z]", f)]
+            if len(flags) != len(value.flags):
+                raise _Bad("flags must be single-letter options such as -R", (*loc, "flags"))
+            wanted = frozenset(f[1] for f in flags)
+            takes = frozenset(value.takes_value)
+            return Condition(key, _options_any_test(wanted, takes), (*flags,))
         if key == "port":
             return self._port(value, loc, rule_id)
         if key == "host":
