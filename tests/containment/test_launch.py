@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,21 +15,22 @@ from corral.sandbox import Sandbox, cgroups
 from corral.sandbox.backend import SandboxError
 from corral.sandbox.launch import Launched, launch
 
+from ..procs import running
 from .test_sandbox import OPEN_GATE
 
 
-def _bwrap(marker: Path) -> list[str]:
-    return [
-        "bwrap",
-        "--unshare-all",
-        "--die-with-parent",
-        "--ro-bind",
-        "/",
-        "/",
-        "--bind",
-        str(marker.parent),
-        str(marker.parent),
-    ]
+def _touch(marker: Path) -> Callable[[int, int], list[str]]:
+    """A bubblewrap command line, for launch(), that creates ``marker`` when it runs."""
+    where = str(marker.parent)
+
+    def build(info: int, block: int) -> list[str]:
+        return [
+            *("bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/"),
+            *("--bind", where, where, "--info-fd", str(info), "--block-fd", str(block)),
+            *("touch", str(marker)),
+        ]
+
+    return build
 
 
 def test_a_failed_confinement_kills_the_sandbox_before_it_runs(tmp_path: Path) -> None:
@@ -40,20 +42,7 @@ def test_a_failed_confinement_kills_the_sandbox_before_it_runs(tmp_path: Path) -
         raise PermissionError(13, "Permission denied", "/sys/fs/cgroup/x/cgroup.procs")
 
     with pytest.raises(SandboxError, match="could not put the sandbox under its limits"):
-        launch(
-            lambda info, block: [
-                *_bwrap(marker),
-                "--info-fd",
-                str(info),
-                "--block-fd",
-                str(block),
-                "touch",
-                str(marker),
-            ],
-            confine,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        launch(_touch(marker), confine, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert seen and not marker.exists()
     assert not Path(f"/proc/{seen[0]}").exists()
 
@@ -66,18 +55,7 @@ def test_confinement_happens_before_the_command_starts(tmp_path: Path) -> None:
         # The sandbox process exists but is held before running the command.
         order.append("confined" if not marker.exists() else "too late")
 
-    launched = launch(
-        lambda info, block: [
-            *_bwrap(marker),
-            "--info-fd",
-            str(info),
-            "--block-fd",
-            str(block),
-            "touch",
-            str(marker),
-        ],
-        confine,
-    )
+    launched = launch(_touch(marker), confine)
     assert launched.proc.wait() == 0
     launched.release()
     assert order == ["confined"] and marker.exists()
@@ -104,14 +82,6 @@ def test_closing_waits_for_every_process_in_the_namespace(tmp_path: Path) -> Non
         assert init is not None
         sb.close()
     # Straight after close, not eventually: close returned only once they were gone.
-    left = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if b"1000.5" in (p / "cmdline").read_bytes():
-                    left.append(p.name)
-            except OSError:
-                pass
-    assert left == []
+    assert running("sleep 1000.5") == []
     with pytest.raises(OSError):
         os.fstat(init)  # the pidfd was released

@@ -12,6 +12,8 @@ from corral.ledger import Ledger
 from corral.policy import Policy
 from corral.sandbox import Sandbox
 
+from ..procs import running
+
 LIMITED = Policy.from_dict(
     {
         "version": 1,
@@ -66,18 +68,6 @@ def test_exec_record_has_cpu_time_and_peak_memory(tmp_path: Path) -> None:
     assert rec.body["peak_memory"] is not None and rec.body["peak_memory"] > 0
 
 
-def _procs_matching(text: str) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if text in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    out.append(int(p.name))
-            except OSError:
-                pass
-    return out
-
-
 def test_closing_leaves_no_process_cgroup_or_mount(tmp_path: Path) -> None:
     mounts_before = Path("/proc/self/mountinfo").read_text()
     with Ledger.memory() as ledger:
@@ -87,10 +77,10 @@ def test_closing_leaves_no_process_cgroup_or_mount(tmp_path: Path) -> None:
         dirs = _cgroup_dirs(sb)  # made with the sandbox's first process
         assert dirs and all(d.is_dir() for d in dirs)
         deadline = time.monotonic() + 5
-        while not _procs_matching("sleep 1000.25") and time.monotonic() < deadline:
+        while not running("sleep 1000.25") and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _procs_matching("sleep 1000.25")  # the daemon runs before the close
+        assert running("sleep 1000.25")  # the daemon runs before the close
         sb.close()
-    assert _procs_matching("sleep 1000.25") == []
+    assert running("sleep 1000.25") == []
     assert not any(d.exists() for d in dirs)
     assert Path("/proc/self/mountinfo").read_text() == mounts_before

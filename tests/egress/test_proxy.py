@@ -364,34 +364,15 @@ def test_corral_exec_and_log_show_the_way_out(tmp_path: Path, http_server: HTTPS
     home = tmp_path / "home"
     ws = tmp_path / "ws"
     ws.mkdir()
-    r = corral(
-        home,
-        "exec",
-        "--policy",
-        str(policy),
-        "--workspace",
-        str(ws),
-        "--no-gate",
-        "--",
-        "curl",
-        "-sS",
-        f"{http_server.url}/",
-    )
+
+    def curl(url: str) -> Any:
+        exec_ = ("exec", "--policy", str(policy), "--workspace", str(ws), "--no-gate", "--")
+        return corral(home, *exec_, "curl", "-sS", url)
+
+    r = curl(f"{http_server.url}/")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "hello from corral test server\n"
-    denied = corral(
-        home,
-        "exec",
-        "--policy",
-        str(policy),
-        "--workspace",
-        str(ws),
-        "--no-gate",
-        "--",
-        "curl",
-        "-sS",
-        f"http://{http_server.host}:1/",
-    )
+    denied = curl(f"http://{http_server.host}:1/")
     assert "rule net-internal" in denied.stdout
     log = corral(home, "log").stdout
     assert f"net   allow http    GET {http_server.host}:{http_server.port}  net-allow pid" in log

@@ -300,7 +300,7 @@ def test_overrides_given_as_plain_mappings(rules: DetectorRules) -> None:
     assert engine.feed(ev("exec", argv=["ngrok"], exe="/x/ngrok")) == []
     assert engine.unknown_overrides == ("no-such-rule",)
     with pytest.raises(PolicyError, match=r"detectors\.mining-binary\.response: unknown response"):
-        Engine(rules, {"mining-binary": {"response": "explode"}})
+        Engine(rules, {"mining-binary": {"response": "explode"}})  # type: ignore[dict-item]
 
 
 def test_a_policy_detectors_section_is_the_overrides(rules: DetectorRules) -> None:

@@ -25,6 +25,7 @@ from corral.watch.gpu import FakeGpuBackend, GpuProcess
 from corral.watch.watcher import Watcher
 
 from ..egress.servers import SSHServer
+from ..procs import running
 
 POOL_HOST = "127.0.0.2"
 STRATUM_PORTS = (3333, 4444, 5555, 7777, 14444)  # all on the detectors' miner port list
@@ -67,18 +68,6 @@ def wait_for(pred: Any, timeout: float = 8.0) -> Any:
             return got
         time.sleep(0.05)
     return pred()
-
-
-def running(text: str) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if text in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    out.append(int(p.name))
-            except OSError:
-                pass
-    return out
 
 
 class MockPool:
@@ -301,7 +290,7 @@ def test_only_a_network_socket_on_stdio_counts_as_a_reverse_shell() -> None:
     a, b = socket.socketpair()  # how many harnesses wire a tool's stdio
     listener = socket.create_server(("127.0.0.1", 0))
     tcp = socket.create_connection(listener.getsockname())
-    procs = [subprocess.Popen(["sleep", "5"], stdin=s) for s in (a, tcp)]
+    procs = [subprocess.Popen(["sleep", "5"], stdin=s.fileno()) for s in (a, tcp)]
     try:
         assert wait_for(lambda: all(Path(f"/proc/{p.pid}/exe").exists() for p in procs))
         time.sleep(0.05)

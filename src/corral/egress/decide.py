@@ -13,7 +13,6 @@ on the allowlist.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +29,6 @@ class EgressDecision:
     reason: str
     pattern: str | None = None  # the network.allow/deny entry that decided it
     category: Category | None = None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class EgressRules:
@@ -97,7 +88,7 @@ class EgressRules:
             return self._deny(
                 "net-deny-list", f"{where} is on the deny list (network.deny: {denied})", denied
             )
-        if _is_ip(host):
+        if netdest.is_ip(host):
             return self.check_address(host, host, port)
         allowed_by = self._first(self.allow, host, port)
         if allowed_by is not None:

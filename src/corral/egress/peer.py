@@ -17,6 +17,8 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from corral.procfs import descendants
+
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
 _NLMSG_ERROR = 2
@@ -89,24 +91,6 @@ def _inode(init_pid: int, transport: str, port: int, server_port: int) -> str | 
     return None
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        out.append(cur)
-        try:
-            tasks = os.listdir(f"/proc/{cur}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{cur}/task/{tid}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-            except OSError:
-                continue
-    return out
-
-
 def find_client(
     init_pid: int, transport: str, port: int, server_port: int, diag: SockDiag | None = None
 ) -> Client | None:
@@ -118,7 +102,7 @@ def find_client(
     if inode is None or inode == "0":
         return None
     target = f"socket:[{inode}]"
-    for pid in _descendants(init_pid):
+    for pid in descendants(init_pid):
         fd_dir = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)

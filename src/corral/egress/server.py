@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
-import ipaddress
 import json
 import os
 import socket
@@ -44,6 +43,7 @@ from typing import Any, cast
 from corral.egress import dnsmsg, http1, socks5, tls
 from corral.egress.decide import EgressDecision, EgressRules
 from corral.egress.peer import SockDiag, find_client
+from corral.policy import netdest
 
 CONNECT_TIMEOUT = 10.0
 HEAD_TIMEOUT = 30.0
@@ -324,7 +324,7 @@ class Proxy:
         try:
             if host in self.hosts:
                 addrs = list(self.hosts[host])
-            elif _is_ip(host):
+            elif netdest.is_ip(host):
                 addrs = [host]
             else:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -739,14 +739,6 @@ def _fronting(host: str, early: bytes) -> EgressDecision | None:
         "net-sni-mismatch",
         f"the tunnel is for {host} but its TLS handshake names {hello.sni} (domain fronting)",
     )
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _settle(fut: asyncio.Future[None]) -> None:

@@ -12,10 +12,10 @@ key shares make it exceed one) is reassembled.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from corral.egress.http1 import normalize_host, valid_host
+from corral.policy import netdest
 
 CONTENT_HANDSHAKE = 0x16
 HANDSHAKE_CLIENT_HELLO = 0x01
@@ -184,18 +184,10 @@ def _server_name(data: bytes) -> str | None:
             raise _Malformed(f"server_name {raw[:64]!r} is not ASCII") from None
         if not valid_host(text):
             raise _Malformed(f"server_name {text[:100]!r} is not a valid host name")
-        if _is_ip(text):
+        if netdest.is_ip(text):
             raise _Malformed(f"server_name {text!r} is an IP address (RFC 6066 forbids that)")
         host = normalize_host(text)
     return host
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _alpn(data: bytes) -> tuple[str, ...]:

@@ -149,6 +149,15 @@ _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhos
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 
+def is_ip(host: str) -> bool:
+    """Is ``host`` an IP literal (not a name)?"""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def address_class(host: str) -> str:
     """``loopback``, ``private`` (RFC 1918, CGNAT, ULA), ``link-local``, ``multicast``,
     ``unspecified``, ``public`` (a public IP) or ``name`` (not an IP literal)."""

@@ -29,6 +29,7 @@ from typing import Any
 from corral.egress.host import EgressProxy
 from corral.model import new_id
 from corral.paths import runtime_dir
+from corral.procfs import children, descendants
 from corral.sandbox import files, seccomp
 from corral.sandbox.backend import (
     EXIT_TIMEOUT,
@@ -212,25 +213,6 @@ class _Box:
         return self.cgroup
 
 
-def _descendants(pid: int) -> list[int]:
-    """pid and every process under it, from /proc."""
-    out, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        out.append(cur)
-        try:
-            tasks = os.listdir(f"/proc/{cur}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            with (
-                contextlib.suppress(OSError, ValueError),
-                open(f"/proc/{cur}/task/{tid}/children") as f,
-            ):
-                todo.extend(int(c) for c in f.read().split())
-    return out
-
-
 def _resolv_conf() -> Path:
     """The resolver settings of a sandbox with a network: the egress proxy's DNS stub."""
     path = runtime_dir() / "resolv.conf"
@@ -329,7 +311,7 @@ class BwrapBackend:
         for launched in list(box.live):
             pid = launched.init_pid
             if pid is not None:
-                out.extend(_descendants(pid))
+                out.extend(descendants(pid))
         return out
 
     def usage(self, sandbox_id: str) -> dict[str, Any] | None:
@@ -354,17 +336,13 @@ class BwrapBackend:
             if pid is None:
                 continue
             out.add(pid)
-            with (
-                contextlib.suppress(OSError, ValueError),
-                open(f"/proc/{pid}/task/{pid}/children") as f,
-            ):
-                out.update(int(c) for c in f.read().split())
+            out.update(children(pid))
         return out
 
     def kill_tree(self, sandbox_id: str, pid: int) -> list[int]:
         """SIGKILL a process of the sandbox and everything under it; the pids killed."""
         inside = set(self.processes(sandbox_id))
-        victims = [p for p in _descendants(pid) if p in inside]
+        victims = [p for p in descendants(pid) if p in inside]
         for p in victims:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGKILL)

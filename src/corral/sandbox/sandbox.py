@@ -101,7 +101,8 @@ class Sandbox:
         self._alerts: list[Alert] = []
         self.alerts: list[Alert] = []  # every alert of this sandbox so far
         self._events_lock = threading.Lock()
-        self._done: set[str] = set()  # actions that have returned
+        # The action running now: one at a time per sandbox, so every other has returned.
+        self._running: str | None = None
         self.episode_ended: str | None = None
         self.stopped: str | None = None
         try:
@@ -174,17 +175,20 @@ class Sandbox:
         with self._events_lock:
             self._recent.append((time.time(), action))
             self._alerts = []
-        if isinstance(command, str) and not stream:
-            r = self.backend.run_shell(self.id, command, timeout=timeout)
-            what: dict[str, Any] = {"command": command, "in": "session"}
-        else:
-            argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
-            r = self.backend.exec(self.id, argv, timeout=timeout, stream=stream)
-            what = {"argv": argv, "in": "own bubblewrap"}
-        # No waiting for the watcher: a process it first sees after this is still tied
-        # to this action by its start time, and judged as having outlived it.
-        with self._events_lock:
-            self._done.add(action.id)
+            self._running = action.id
+        try:
+            if isinstance(command, str) and not stream:
+                r = self.backend.run_shell(self.id, command, timeout=timeout)
+                what: dict[str, Any] = {"command": command, "in": "session"}
+            else:
+                argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
+                r = self.backend.exec(self.id, argv, timeout=timeout, stream=stream)
+                what = {"argv": argv, "in": "own bubblewrap"}
+        finally:
+            # No waiting for the watcher: a process it first sees after this is still
+            # tied to this action by its start time, and judged as having outlived it.
+            with self._events_lock:
+                self._running = None
         self._record_exec(action, what, r)
         with self._events_lock:
             alerts = tuple(self._alerts)
@@ -353,7 +357,7 @@ class _Target:
 
     def action_done(self, action_id: str | None) -> bool:
         with self.sb._events_lock:
-            return action_id is None or action_id in self.sb._done
+            return action_id is None or action_id != self.sb._running
 
     def _where(self, action_id: str | None) -> dict[str, Any]:
         action = None
