@@ -114,6 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.add_argument("--home")
 
+    a = sub.add_parser(
+        "audit",
+        help="review a trajectory step by step against its task",
+        description=(
+            "Review a finished trajectory: OpenAI chat format (messages with tool_calls) or "
+            'JSONL of {"task": ..., "command": ...} steps. One line per step; exit 0 when no '
+            "step is flagged, 1 when one is, 2 on a usage, file or auditor error."
+        ),
+    )
+    a.add_argument("file", help="the trajectory (- for stdin)")
+    a.add_argument("--json", action="store_true", help="one JSON object per step")
+    a.add_argument(
+        "--auditor",
+        choices=("rules", "llm", "ensemble"),
+        default="rules",
+        help="rules (default: embedded, no network), llm, or ensemble (rules + llm)",
+    )
+    a.add_argument(
+        "--policy", default="swe", help="policy whose gate and audit settings apply (default: swe)"
+    )
+    a.add_argument("--llm-url", help="OpenAI-compatible API base (default: $CORRAL_AUDIT_URL)")
+    a.add_argument("--llm-model", help="model name (default: $CORRAL_AUDIT_MODEL)")
+    a.add_argument(
+        "--aggregate",
+        choices=("max", "mean", "vote"),
+        help="how the ensemble combines (default: the policy's, max)",
+    )
+    a.add_argument("--run-id", default=os.environ.get("CORRAL_RUN_ID"))
+    a.add_argument("--no-record", action="store_true", help="do not write verdicts to the ledger")
+    _add_state(a)
+
     d = sub.add_parser("demo", help="replay the ROME incident through corral")
     d.add_argument("--policy", default="swe")
     d.add_argument("--json", action="store_true", help="print the decisions as JSON lines")
@@ -356,6 +387,14 @@ def _format_record(rec: dict[str, Any]) -> str:
         for ev in body.get("evidence") or []:
             lines.append(f"{'':<36}  evidence: {_format_evidence(ev)}")
         return "\n".join(lines)
+    if rec["kind"] == "audit":
+        what = body.get("action", {}).get("payload", {})
+        text = what.get("command") or what.get("tool") or ""
+        return (
+            f"{head} {body.get('verdict', '?'):<5} {body.get('score', 0):4.2f} "
+            f"{body.get('category') or '-':<20} {step:<8} {_short(str(text), 40)}  "
+            f"<- {body.get('auditor')}: {_short(str(body.get('reason', '')), 60)}"
+        )
     if rec["kind"] == "event" and body.get("kind") == "exec":
         f = body.get("fields") or {}
         argv = " ".join(map(str, f.get("argv") or [])) or str(f.get("exe", "?"))
@@ -398,6 +437,54 @@ def _format_net(kind: str, f: dict[str, Any]) -> str:
         f"net   {verdict} {f.get('protocol', '?'):<7} {method}{where}  {f.get('rule')}"
         f" {who}  {_short(str(f.get('reason', '')), 60)}"
     )
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from corral.audit import audit_trajectory, load_trajectory, make_auditor, parse_trajectory
+
+    if args.file == "-":
+        trajectory = parse_trajectory(sys.stdin.read(), "<stdin>")
+    else:
+        trajectory = load_trajectory(args.file)
+    auditor = make_auditor(
+        args.auditor,
+        args.policy,
+        llm_url=args.llm_url,
+        llm_model=args.llm_model,
+        aggregate=args.aggregate,
+    )
+    texts = {s.action.id: s.text for s in trajectory.steps}
+
+    def show(v: Any) -> None:
+        if args.json:
+            print(json.dumps(v.to_dict()), flush=True)
+            return
+        print(
+            f"step {v.step if v.step is not None else '?':>3}  {v.verdict.value:<5} {v.score:4.2f}  "
+            f"{(v.category.value if v.category else '-'):<20} {_short(v.reason, 90)}"
+            f"  | {_short(texts.get(v.action_id, ''), 50)}",
+            flush=True,
+        )
+
+    ledger = _open_ledger(args)
+    try:
+        report = audit_trajectory(
+            auditor, trajectory, ledger=ledger, run_id=args.run_id, on_step=show
+        )
+    finally:
+        close = getattr(auditor, "close", None)
+        if callable(close):
+            close()
+        if ledger is not None:
+            ledger.close()
+    flagged = [v.step for v in report.flagged]
+    summary = (
+        f"{len(report.verdicts)} steps, {len(flagged)} flagged"
+        + (f" (steps {', '.join(map(str, flagged))})" if flagged else "")
+        + f"; suspicion {report.suspicion:.2f} (the highest step score); auditor {auditor.name}"
+    )
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    return EXIT_FLAGGED if flagged else EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -491,6 +578,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _HANDLERS = {
+    "audit": _cmd_audit,
     "check": _cmd_check,
     "exec": _cmd_exec,
     "policy": _cmd_policy,

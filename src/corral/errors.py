@@ -46,3 +46,22 @@ class LedgerIntegrityError(LedgerError):
     def __init__(self, message: str, seq: int | None = None) -> None:
         self.seq = seq
         super().__init__(message)
+
+
+class TrajectoryError(CorralError, ValueError):
+    """A trajectory file cannot be read. The message names the file, line and key."""
+
+    def __init__(
+        self, message: str, *, file: str, line: int | None = None, key: str | None = None
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.key = key
+        where = file + (f":{line}" if line is not None else "")
+        if key:
+            where += f": {key}"
+        super().__init__(f"{where}: {message}")
+
+
+class AuditorError(CorralError, RuntimeError):
+    """An auditor is misconfigured (no endpoint, an unknown aggregation, ...)."""

@@ -180,3 +180,45 @@ class Alert:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditVerdict:
+    """An auditor's judgement of one action against the agent's task.
+
+    ``score`` is the suspicion, 0 (plainly serves the task) to 1 (plainly does not);
+    ``verdict`` follows from it by the auditor's thresholds. ``signals`` names what the
+    judgement rests on (gate and detector rule ids, audit check ids). ``error`` is set
+    when the auditor could not judge (an endpoint timed out, a reply was malformed) and
+    the verdict is its configured failure mode, not an opinion.
+    """
+
+    verdict: Verdict
+    score: float
+    category: Category | None
+    reason: str
+    auditor: str
+    signals: tuple[str, ...] = ()
+    step: int | None = None
+    action_id: str | None = None
+    latency_s: float = 0.0
+    error: bool = False
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict is not Verdict.ALLOW
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public JSON shape (``corral audit --json``)."""
+        return {
+            "step": self.step,
+            "verdict": self.verdict.value,
+            "score": round(self.score, 4),
+            "category": self.category.value if self.category else None,
+            "reason": self.reason,
+            "auditor": self.auditor,
+            "signals": list(self.signals),
+            "action_id": self.action_id,
+            "latency_ms": round(self.latency_s * 1000, 4),
+            "error": self.error,
+        }

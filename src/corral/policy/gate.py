@@ -20,7 +20,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from corral.model import Action, ActionKind, Category, Decision, Verdict
-from corral.policy.matching import Finding, InvocationView, fill_reason, rule_matches
+from corral.policy.matching import (
+    IN_TEXT_OPS,
+    Finding,
+    InvocationView,
+    fill_reason,
+    rule_matches,
+)
 from corral.policy.netpolicy import NetworkRules
 from corral.policy.rules import (
     CompiledRule,
@@ -116,6 +122,13 @@ class Gate:
             action_id=action.id,
             policy_hash=self.policy.hash,
         )
+
+    def findings(self, parsed: ParsedCommand) -> list[Finding]:
+        """Every finding that is not a plain allow, for a command already parsed: the
+        auditor weighs them all, where ``check`` keeps only the strictest."""
+        if parsed.error is not None:
+            return [self._judge_unparsable(parsed.source, parsed.error)]
+        return [f for f in self._findings(parsed) if f.verdict is not Verdict.ALLOW]
 
     # -- judging ------------------------------------------------------------------------
 
@@ -271,7 +284,13 @@ class Gate:
         if key == "keywords":
             return regex.search(view.lower) is not None
         if key == "redirect":
-            return any(regex.search(f"{r.op} {r.target}") for r in view.inv.redirects)
+            # A here-document's body is text (judged as a script when a shell reads it),
+            # not a redirection target; scanning it cost more than the rest of the rules.
+            return any(
+                regex.search(f"{r.op} {r.target}")
+                for r in view.inv.redirects
+                if r.op not in IN_TEXT_OPS
+            )
         if key == "path:write":
             return any(
                 regex.match(p)

@@ -136,7 +136,7 @@ def rule_matches(
     if rule.argv is not None and not rule.argv.search(view.joined):
         return None
     if rule.redirect is not None and not any(
-        rule.redirect.search(f"{r.op} {r.target}") for r in inv.redirects
+        rule.redirect.search(f"{r.op} {r.target}") for r in inv.redirects if r.op not in IN_TEXT_OPS
     ):
         return None
     if rule.first_arg is not None or rule.last_arg is not None:

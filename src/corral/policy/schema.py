@@ -415,9 +415,28 @@ class DetectorOverride(_Model):
     enabled: StrictBool = True
 
 
+class LLMAuditSpec(_Model):
+    """An OpenAI-compatible chat-completions endpoint. ``url`` and ``model`` may be left
+    out here and given by $CORRAL_AUDIT_URL / $CORRAL_AUDIT_MODEL (or flags) instead; the
+    key is read from the environment variable ``api_key_env`` names, never from the file."""
+
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str = "CORRAL_AUDIT_API_KEY"
+    timeout: Annotated[Duration, Field(gt=0)] = 20.0
+    retries: Count = 2
+    failure_mode: Literal["deny", "ask"] = "ask"
+
+
 class AuditSpec(_Model):
+    """``auditor``: who reviews actions (``rules`` is embedded and cheap; ``llm`` asks a
+    model; ``ensemble`` asks both and combines by ``aggregate``). ``on_flag``: what a
+    flagged action becomes in a sandbox (deny, or ask: held for a person)."""
+
     auditor: Auditor = "none"
     on_flag: Verdict = Verdict.ASK
+    aggregate: Literal["max", "mean", "vote"] = "max"
+    llm: LLMAuditSpec = LLMAuditSpec()
 
 
 class PolicySpec(_Model):
