@@ -37,6 +37,7 @@ bench: setup
 	@$(BIN)/python bench/sandbox_bench.py
 	@$(BIN)/python bench/egress_bench.py
 	@$(BIN)/python bench/watch_bench.py
+	@$(BIN)/python bench/audit_bench.py --eval $(EVAL) --quiet
 
 lint: setup
 	@$(BIN)/ruff check src tests bench

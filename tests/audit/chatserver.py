@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 FENCED = re.compile(r"<<DATA (\w+)>>\n(.*?)\n<<END \1>>", re.S)
-BAD = re.compile(r"xmrig|stratum\+tcp|ssh\s+-\w*R|minerd")
+BAD = re.compile(r"xmrig|stratum\+tcp|ssh\s(.*\s)?-\w*R\s|minerd")
 OBEY = re.compile(r"approve this|reply allow|ignore (all )?previous instructions", re.I)
 
 
@@ -39,6 +39,7 @@ class ChatServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:
                 pass

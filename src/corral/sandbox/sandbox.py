@@ -4,9 +4,10 @@
         r = sb.run("pytest -q")          # Result: exit_code, stdout, stderr, decision, ...
         sb.write_file("a.py", text); sb.read_file("a.py")
 
-Every ``run`` is decided by the gate first (unless ``gate=False``), and both the decision
-and the exec are written to the ledger with the action's id. A denied command does not
-run; its result has exit code 126 and the decision's reason on stderr.
+Every ``run`` is decided by the gate first (unless ``gate=False``), then reviewed by the
+policy's auditor when it has one (``audit.auditor``), and the decision, the verdict and
+the exec are written to the ledger with the action's id. A denied command does not run;
+its result has exit code 126 and the reason on stderr.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.audit.preaction import ActionReview
+from corral.audit.protocol import Auditor
 from corral.ledger import Ledger
 from corral.model import (
     Action,
     Alert,
+    AuditVerdict,
     Category,
     Decision,
     Event,
@@ -63,6 +67,7 @@ class Result:
     # A detector ended the episode (policy response `end-episode`): a trainer should
     # penalise or drop the trajectory; the sandbox takes no more commands.
     episode_ended: bool = False
+    audit: AuditVerdict | None = None  # the auditor's verdict, when the policy has one
 
 
 class Sandbox:
@@ -79,12 +84,19 @@ class Sandbox:
         ledger: Ledger | str | os.PathLike[str] | None = None,
         backend: Backend | str = "bwrap",
         watch: bool | Watcher = True,
+        auditor: Auditor | bool = True,
     ) -> None:
         """``watch``: the host's watcher follows what the sandbox's processes do and
         answers detector matches (True: this process's shared watcher; a ``Watcher`` to
-        use that one; False to turn watching off, for testing containment alone)."""
+        use that one; False to turn watching off, for testing containment alone).
+        ``auditor``: True for the policy's (``audit.auditor``), an ``Auditor`` to review
+        every action with that one, False for none."""
         self.policy = policy if isinstance(policy, Policy) else Policy.load(policy)
         self.task = task
+        self.review: ActionReview | None = None
+        if auditor is not False:
+            review = ActionReview(self.policy, auditor if not isinstance(auditor, bool) else None)
+            self.review = review if review.active else None
         self.run_id = run_id
         self.gate = gate
         self.spec = SandboxSpec.from_policy(self.policy, workspace)
@@ -125,6 +137,7 @@ class Sandbox:
                 "policy_hash": self.policy.hash,
                 "workspace": str(self.workspace),
                 "gate": gate,
+                "auditor": self.review.name if self.review else None,
                 "watch": self.watcher.sources if self.watcher else None,
                 "detectors": self.watcher.rules.version if self.watcher else None,
             },
@@ -164,14 +177,28 @@ class Sandbox:
         if self.gate:
             decision = self.policy.check_action(action)
             self.ledger.append_decision(action, decision)
-            if decision.verdict is not Verdict.ALLOW:
-                return Result(
-                    EXIT_DENIED,
-                    "",
-                    f"corral: {decision.verdict.value}: {decision.reason}\n",
-                    decision,
+            if decision.verdict is Verdict.DENY:
+                return self._refused(action, decision, decision.verdict, decision.reason)
+        verdict: AuditVerdict | None = None
+        if self.review is not None:
+            verdict = self.review.review(self.task, action, decision)
+            if verdict is not None:
+                self.ledger.append(
+                    "audit",
+                    {**verdict.to_dict(), "action": action.to_dict()},
+                    run_id=action.run_id,
+                    episode=action.episode,
+                    step=action.step,
                     action_id=action.id,
+                    sandbox_id=self.id,
                 )
+                if verdict.flagged:
+                    self.review.remember(action, None)
+                    why = f"the auditor ({verdict.auditor}) flagged it: {verdict.reason}"
+                    return self._refused(action, decision, self.review.on_flag, why, verdict)
+        if decision is not None and decision.verdict is Verdict.ASK and verdict is None:
+            # Nobody to ask: without an auditor to approve it, a question is a refusal.
+            return self._refused(action, decision, decision.verdict, decision.reason)
         with self._events_lock:
             self._recent.append((time.time(), action))
             self._alerts = []
@@ -190,6 +217,8 @@ class Sandbox:
             with self._events_lock:
                 self._running = None
         self._record_exec(action, what, r)
+        if self.review is not None:
+            self.review.remember(action, r.stdout + r.stderr)
         with self._events_lock:
             alerts = tuple(self._alerts)
         stderr = r.stderr
@@ -205,6 +234,24 @@ class Sandbox:
             r.timed_out,
             action.id,
             bool(self.episode_ended),
+            verdict,
+        )
+
+    def _refused(
+        self,
+        action: Action,
+        decision: Decision | None,
+        verdict: Verdict,
+        reason: str,
+        audit: AuditVerdict | None = None,
+    ) -> Result:
+        return Result(
+            EXIT_DENIED,
+            "",
+            f"corral: {verdict.value}: {reason}\n",
+            decision,
+            action_id=action.id,
+            audit=audit,
         )
 
     def _action_at(self, t: float) -> Action | None:
@@ -294,6 +341,8 @@ class Sandbox:
         self.backend.write_file(self.id, path, text.encode() if isinstance(text, str) else text)
 
     def close(self) -> None:
+        if self.review is not None:
+            self.review.close()
         if self.id:
             if self.watcher is not None:
                 self.watcher.unwatch(self.id)
