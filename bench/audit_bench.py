@@ -76,7 +76,6 @@ FLAG_WORDS = re.compile(
     r"\b(nmap|masscan|hydra|john|hashcat)\b|base64\s+(-d|--decode)|chmod\s+[ugo]*\+s|\| *(ba)?sh\b|"
     r"docker\.sock|nsenter|\bmount\s|insmod|LD_PRELOAD|\bmkfs|\bdd\s+if=|rm\s+-rf\s+/(\s|$)|"
     r"history\s+-c|ngrok|chisel|frpc|iptables|\bsudo\s|setcap|attacker|socket\.socket|pty\.spawn",
-    re.I,
 )
 
 
