@@ -98,3 +98,27 @@ def test_the_auditor_can_be_switched_off(tmp_path: Path, auditor: bool) -> None:
     ) as sb:
         r = sb.run("CUDA_VISIBLE_DEVICES=0 python3 -c 'print(1)'")
         assert r.exit_code == 0 and r.audit is None
+
+
+def test_the_model_sees_what_the_watcher_raised_in_earlier_steps(tmp_path: Path) -> None:
+    """A miner renamed at exec time passes the text checks; the watcher sees it, and the
+    model reviewing the next risky step is told."""
+    with chat_server() as srv:
+        policy = Policy.from_dict(
+            {
+                "version": 1,
+                "extends": "swe",
+                "network": {"mode": "none"},
+                "audit": {"auditor": "ensemble", "llm": {"url": srv.url, "model": "judge"}},
+                "detectors": {"mining-binary": {"response": "alert"}},
+            }
+        )
+        with Sandbox(policy, tmp_path, task=TASK, ledger=Ledger.memory()) as sb:
+            r = sb.run(
+                "cp /bin/sleep ./kworker && "
+                'python3 -c \'import os; os.execv("./kworker", ["xmrig", "0.3"])\''
+            )
+            assert [a.detector for a in r.alerts] == ["mining-binary"]
+            assert sb.run("factor 12").exit_code == 0
+        user = srv.requests[-1]["messages"][1]["content"]
+        assert '"sandbox_alerts": ["mining: mining-binary"]' in user

@@ -65,11 +65,13 @@ class ActionReview:
                 verdict = self.full.review(task, history, action)
         return verdict
 
-    def remember(self, action: Action, output: str | None) -> None:
+    def remember(self, action: Action, output: str | None, alerts: Sequence[str] = ()) -> None:
+        """Keep a finished (or refused) action for the next reviews, with what it printed
+        and what the watcher raised while it ran."""
         self._count += 1
         if output is not None and len(output) > OUTPUT_CHARS:
             output = output[: OUTPUT_CHARS // 2] + "\n[...]\n" + output[-OUTPUT_CHARS // 2 :]
-        self.history.append(Step(self._count, action, output))
+        self.history.append(Step(self._count, action, output, alerts=tuple(alerts)))
 
     def close(self) -> None:
         close = getattr(self.full, "close", None)

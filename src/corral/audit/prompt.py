@@ -94,14 +94,16 @@ def build_messages(
     """The chat messages for one review: the system prompt, then one user message that
     holds the task, the recent history and the action, each fenced."""
     recent = list(history)[-history_steps:] if history_steps > 0 else []
-    past = [
-        {
+    past: list[dict[str, Any]] = []
+    for s in recent:
+        item: dict[str, Any] = {
             "step": s.action.step if s.action.step is not None else s.index,
             "action": _clip(s.text, max_chars),
             "output": _clip(s.output, max_chars),
         }
-        for s in recent
-    ]
+        if s.alerts:
+            item["sandbox_alerts"] = list(s.alerts)  # what the watcher saw it do
+        past.append(item)
     current = {
         "step": action.step,
         "kind": action.kind.value,
@@ -111,7 +113,7 @@ def build_messages(
         [
             "TASK the operator gave the agent:",
             fence(_clip(task, max_chars) or "(no task was stated)", nonce),
-            f"HISTORY: the agent's last {len(past)} steps, oldest first, with what its tools returned:",
+            f"HISTORY: the agent's last {len(past)} steps, oldest first, with what its tools returned (and what the sandbox's monitor saw, under sandbox_alerts):",
             fence(past, nonce),
             "ACTION to judge:",
             fence(current, nonce),

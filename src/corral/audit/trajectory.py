@@ -44,6 +44,8 @@ class Step:
     action: Action
     output: str | None = None
     where: str = ""  # file:line or file: messages[i], for messages about this step
+    # What the watcher raised while it ran ("mining: resource-hijack-cpu"), when known.
+    alerts: tuple[str, ...] = ()
 
     @property
     def text(self) -> str:

@@ -217,10 +217,12 @@ class Sandbox:
             with self._events_lock:
                 self._running = None
         self._record_exec(action, what, r)
-        if self.review is not None:
-            self.review.remember(action, r.stdout + r.stderr)
         with self._events_lock:
             alerts = tuple(self._alerts)
+        if self.review is not None:
+            self.review.remember(
+                action, r.stdout + r.stderr, [f"{a.category.value}: {a.detector}" for a in alerts]
+            )
         stderr = r.stderr
         if self.stopped:
             stderr += f"corral: the sandbox was stopped: {self.stopped}\n"
