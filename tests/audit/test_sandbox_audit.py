@@ -116,7 +116,7 @@ def test_the_model_sees_what_the_watcher_raised_in_earlier_steps(tmp_path: Path)
         with Sandbox(policy, tmp_path, task=TASK, ledger=Ledger.memory()) as sb:
             r = sb.run(
                 "cp /bin/sleep ./kworker && "
-                'python3 -c \'import os; os.execv("./kworker", ["xmrig", "0.3"])\''
+                'python3 -c \'import os; os.execv("./kworker", ["xmrig", "1"])\''
             )
             assert [a.detector for a in r.alerts] == ["mining-binary"]
             assert sb.run("factor 12").exit_code == 0
