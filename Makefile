@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 EVAL   ?= ../shared/eval
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup system demo test bench lint format clean
+.PHONY: setup system demo test bench redteam lint format clean
 
 setup: system $(STAMP)
 
@@ -38,6 +38,10 @@ bench: setup
 	@$(BIN)/python bench/egress_bench.py
 	@$(BIN)/python bench/watch_bench.py
 	@$(BIN)/python bench/audit_bench.py --eval $(EVAL) --quiet
+
+redteam: setup
+	@bash scripts/setup-system.sh --test
+	@$(BIN)/corral redteam --eval $(EVAL) -o build/redteam.json
 
 lint: setup
 	@$(BIN)/ruff check src tests bench

@@ -145,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-record", action="store_true", help="do not write verdicts to the ledger")
     _add_state(a)
 
+    rt = sub.add_parser(
+        "redteam",
+        help="run the attack corpus for real in sandboxes, gate on and off, canaries outside",
+        description=(
+            "Each attack runs in a fresh sandbox (swe, no allowed hosts), once with the gate "
+            "on and once off. Canaries outside: a secret in ~/.ssh, a file next to the "
+            "workspace, listeners on the host's loopback, a network namespace standing for "
+            "the internet (root only), a host process. Exit 0 when no canary was touched, "
+            "1 when one was, 2 on an error."
+        ),
+    )
+    rt.add_argument("--eval", default="../shared/eval", help="folder with attacks_dev.jsonl")
+    rt.add_argument("--attacks", help="an attack file instead (JSONL: id, category, command)")
+    rt.add_argument("--limit", type=int, help="only the first N attacks (after --category)")
+    rt.add_argument("--category", action="append", help="only these categories")
+    rt.add_argument("--timeout", type=float, default=5.0, help="seconds per attack (default 5)")
+    rt.add_argument("--gate", choices=("both", "on", "off"), default="both")
+    rt.add_argument("-o", "--output", default="build/redteam.json", help="the report (JSON)")
+    rt.add_argument("--no-internet", action="store_true", help="skip the namespace canary")
+    _add_state(rt)
+
     d = sub.add_parser("demo", help="replay the ROME incident through corral")
     d.add_argument("--policy", default="swe")
     d.add_argument("--json", action="store_true", help="print the decisions as JSON lines")
@@ -487,6 +508,94 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_FLAGGED if flagged else EXIT_OK
 
 
+def _cmd_redteam(args: argparse.Namespace) -> int:
+    import time
+
+    from corral.redteam import load_attacks, run_attacks, summarize
+
+    path = Path(args.attacks) if args.attacks else Path(args.eval) / "attacks_dev.jsonl"
+    if not path.exists():
+        print(
+            f"corral: no attack file at {path} (pass --eval DIR or --attacks FILE)", file=sys.stderr
+        )
+        return EXIT_USAGE
+    try:
+        attacks = load_attacks(path)
+    except ValueError as e:
+        print(f"corral: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.category:
+        attacks = [a for a in attacks if a.category in set(args.category)]
+    if args.limit is not None:
+        attacks = attacks[: args.limit]
+    gates = ("on", "off") if args.gate == "both" else (args.gate,)
+    start = time.monotonic()
+
+    def progress(n: int, total: int, o: Any) -> None:
+        if o.hits:
+            print(
+                f"  CANARY HIT  {o.attack.id} (gate {o.gate}): {o.hits[0].detail}", file=sys.stderr
+            )
+        if n % 50 == 0 or n == total:
+            rate = n / max(time.monotonic() - start, 1e-6)
+            print(f"  {n}/{total} runs, {rate:.1f}/s", file=sys.stderr, flush=True)
+
+    ledger = _open_ledger(args)
+    try:
+        outcomes, canaries = run_attacks(
+            attacks,
+            timeout=args.timeout,
+            gates=gates,
+            internet=not args.no_internet,
+            ledger=ledger,
+            progress=progress,
+        )
+    finally:
+        if ledger is not None:
+            ledger.close()
+    report = summarize(outcomes, canaries)
+    report["seconds"] = round(time.monotonic() - start, 1)
+    report["source"] = str(path)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    _print_redteam(report, gates)
+    print(f"report: {out}")
+    return EXIT_OK if report["canary_hits"] == 0 else EXIT_FLAGGED
+
+
+def _print_redteam(report: dict[str, Any], gates: Sequence[str]) -> None:
+    head = f"{'category':<22}{'attempts':>9}"
+    if "on" in gates:
+        head += f"{'gate flags':>11}"
+    for g in gates:
+        head += f"{'alerts/' + g:>12}{'hits/' + g:>9}"
+    print(head)
+    for cat, by_gate in report["per_category"].items():
+        any_gate = next(iter(by_gate.values()))
+        line = f"{cat:<22}{any_gate.get('attempts', 0):>9}"
+        if "on" in gates:
+            line += f"{by_gate.get('on', {}).get('gate_flags', 0):>11}"
+        for g in gates:
+            c = by_gate.get(g, {})
+            line += f"{c.get('detector_alerts', 0):>12}{c.get('canary_hits', 0):>9}"
+        print(line)
+    missing = report["canaries_unavailable"]
+    print(
+        f"canary_hits: {report['canary_hits']} "
+        + " ".join(
+            f"(gate {g}: {n})" for g, n in report["canary_hits_by_gate"].items() if g in gates
+        )
+        + f"; canaries: {', '.join(report['canaries'])}"
+        + (
+            f"; not set up: {', '.join(f'{k} ({v})' for k, v in missing.items())}"
+            if missing
+            else ""
+        )
+        + f"; {report['attacks']} attacks, {report['runs']} runs in {report.get('seconds', '?')} s"
+    )
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from corral.ledger import verify_path
 
@@ -578,6 +687,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _HANDLERS = {
+    "redteam": _cmd_redteam,
     "audit": _cmd_audit,
     "check": _cmd_check,
     "exec": _cmd_exec,

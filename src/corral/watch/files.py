@@ -15,10 +15,16 @@ import os
 import struct
 from dataclasses import dataclass
 
+IN_ACCESS = 0x00000001
 IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
+IN_OPEN = 0x00000020
+IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
 IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -68,9 +74,10 @@ class FileWatch:
     def fileno(self) -> int:
         return self.fd
 
-    def add(self, path: str) -> int | None:
-        """Watch a directory for writes; None if it cannot be watched (gone, no right)."""
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), WRITES)
+    def add(self, path: str, mask: int = WRITES) -> int | None:
+        """Watch a directory (for writes, unless ``mask`` says otherwise); None if it
+        cannot be watched (gone, no right)."""
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
         if wd < 0:
             return None
         self.dirs[wd] = path
