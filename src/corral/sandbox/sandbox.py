@@ -203,6 +203,8 @@ class Sandbox:
             self._recent.append((time.time(), action))
             self._alerts = []
             self._running = action.id
+        if self.watcher is not None:
+            self.watcher.mark(self.id, action.id)
         try:
             if isinstance(command, str) and not stream:
                 r = self.backend.run_shell(self.id, command, timeout=timeout)

@@ -26,7 +26,9 @@ import ctypes
 import os
 import queue
 import select
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from corral.watch.engine import Engine, Match
-from corral.watch.files import FileWatch
+from corral.watch.files import IN_CREATE, FileWatch
 from corral.watch.gpu import GpuBackend, open_backend
 from corral.watch.procevents import ProcConnector
 from corral.watch.rules import DetectorRules, load_detectors
@@ -197,6 +199,17 @@ class Watcher:
             self._files = None
         # inotify watch descriptor -> (sandbox id, the directory as the sandbox sees it)
         self._file_dirs: dict[int, tuple[str, str]] = {}
+        # Action boundaries in the same inotify queue as the writes: ``mark`` creates a
+        # file named after the action here when it starts, so a write read late (a busy
+        # host) is still tied to the action it happened in, not the one running when it
+        # was read. inotify keeps one queue in order; a clock could not do this.
+        self._marks: str | None = None
+        self._marks_wd: int | None = None
+        self._marked: dict[str, str] = {}  # sandbox id -> the action its writes belong to
+        if self._files is not None:
+            with contextlib.suppress(OSError):
+                self._marks = tempfile.mkdtemp(prefix="corral-marks-")
+                self._marks_wd = self._files.add(self._marks, IN_CREATE)
         self._watched: dict[str, _Watched] = {}
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
@@ -239,6 +252,7 @@ class Watcher:
         with self._lock:
             w = self._watched.pop(sandbox_id, None)
             self._latest.pop(sandbox_id, None)
+            self._marked.pop(sandbox_id, None)
         for pid in list(w.procs) if w else []:
             self._pid_sandbox.pop(pid, None)
 
@@ -253,6 +267,15 @@ class Watcher:
         """A sandbox's new pid 1, before it runs anything: what it forks is known to be
         the sandbox's from the first fork event on, not only from the next scan."""
         self._pid_sandbox[pid] = sandbox_id
+
+    def mark(self, sandbox_id: str, action_id: str) -> None:
+        """An action starts in the sandbox now: writes seen after this belong to it."""
+        if self._marks is None:
+            return
+        path = os.path.join(self._marks, f"{sandbox_id}.{action_id}")
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            os.unlink(path)
 
     def push(self, sandbox_id: str, event: dict[str, Any]) -> None:
         """An event observed elsewhere (the egress proxy), for the detectors."""
@@ -275,6 +298,8 @@ class Watcher:
             self._connector.close()
         if self._files is not None:
             self._files.close()
+        if self._marks is not None:
+            shutil.rmtree(self._marks, ignore_errors=True)
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -365,6 +390,11 @@ class Watcher:
     def _file_events(self) -> None:
         assert self._files is not None
         for _, ev in self._files.read():
+            if ev.wd == self._marks_wd:
+                sid, _, action_id = ev.name.partition(".")
+                if sid in self._watched:
+                    self._marked[sid] = action_id
+                continue
             where = self._file_dirs.get(ev.wd)
             if where is None or not ev.name:
                 continue
@@ -387,7 +417,9 @@ class Watcher:
                         self._file_written(w, f"{path}/{name}")
 
     def _file_written(self, w: _Watched, path: str) -> None:
-        action, _ = w.target.action_at(time.time())
+        action = self._marked.get(w.target.id)
+        if action is None:
+            action, _ = w.target.action_at(time.time())
         event = {"kind": "file", "path": path, "op": "write", "pid": None, "action_id": action}
         with contextlib.suppress(Exception):
             w.target.record(event)
