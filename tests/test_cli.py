@@ -131,6 +131,11 @@ def test_demo_runs_and_blocks_the_incident(home: Path) -> None:
     r = corral(home, "demo")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "denied" in r.stdout and "intact" in r.stdout
+    # The auditor's second opinion, the incident summary by layer and the HTML report.
+    assert "10 of 17 steps flagged" in r.stdout
+    assert "Incident summary" in r.stdout and "stopped or flagged by layer: gate 11" in r.stdout
+    reports = list((home / "reports").glob("rome-replay-*.html"))
+    assert len(reports) == 1 and "Timeline of incidents" in reports[0].read_text()
 
 
 BAD_POLICIES = {

@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--json", action="store_true", help="one JSON object per record")
     _add_state(lg)
 
+    rp = sub.add_parser(
+        "report", help="an incident summary and a self-contained HTML report of a run"
+    )
+    rp.add_argument("--run", help="the run id (default: the newest run in the ledger)")
+    rp.add_argument("-o", "--output", help="the HTML file (default: HOME/reports/RUN.html)")
+    _add_state(rp)
+
     v = sub.add_parser("verify", help="check the ledger's hash chain")
     v.add_argument("ledger_file", nargs="?", help="ledger file (default: the current ledger)")
     v.add_argument("--json", action="store_true")
@@ -596,6 +603,36 @@ def _print_redteam(report: dict[str, Any], gates: Sequence[str]) -> None:
     )
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from corral.ledger import Ledger
+    from corral.ledger import report as rpt
+
+    path = _ledger_path(args)
+    if not path.exists():
+        print(f"corral: no ledger at {path} yet (nothing recorded)", file=sys.stderr)
+        return EXIT_USAGE
+    with Ledger.open(path, create=False) as ledger:
+        run = args.run
+        if run is None:
+            for rec in ledger.records():
+                run = rec.run_id or run
+        if run is None:
+            print(f"corral: the ledger at {path} holds no run", file=sys.stderr)
+            return EXIT_USAGE
+        records = [r.to_dict() for r in ledger.records(run_id=run)]
+    if not records:
+        print(f"corral: no records of run {run!r} in {path}", file=sys.stderr)
+        return EXIT_USAGE
+    report = rpt.build(records, run)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run)
+    out = Path(args.output) if args.output else corral_home(args.home) / "reports" / f"{safe}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(rpt.render_html(report), encoding="utf-8")
+    print(rpt.render_text(report))
+    print(f"report: {out}")
+    return EXIT_OK
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from corral.ledger import verify_path
 
@@ -687,6 +724,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _HANDLERS = {
+    "report": _cmd_report,
     "redteam": _cmd_redteam,
     "audit": _cmd_audit,
     "check": _cmd_check,

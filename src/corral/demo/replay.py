@@ -256,7 +256,17 @@ def run_demo(*, policy_name: str, ledger_path: Path, home: Path, as_json: bool =
             misses.extend(replay_contained(console, ledger, run_id))
             misses.extend(replay_watched(console, ledger, run_id))
         report = ledger.verify()
+        records = [r.to_dict() for r in ledger.records(run_id=run_id)]
     if not as_json:
+        from corral.ledger import report as incident
+
+        summary = incident.build(records, run_id)
+        html_path = home / "reports" / f"{run_id}.html"
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_text(incident.render_html(summary), encoding="utf-8")
+        console.print("\n[bold]Incident summary[/]: what was stopped, by which layer, how fast")
+        console.print(escape(incident.render_text(summary, width=min(console.width, 110))))
+        console.print(f"HTML report: {html_path}")
         state = "[green]intact[/]" if report.ok else f"[red]BROKEN[/] ({report.problem})"
         console.print(f"\nledger: {report.records} records, chain {state}, head {report.head_hash}")
         console.print(f"see it with: corral log --run {run_id}   ·   corral verify")
