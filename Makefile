@@ -42,6 +42,7 @@ bench: setup
 redteam: setup
 	@bash scripts/setup-system.sh --test
 	@$(BIN)/corral redteam --eval $(EVAL) -o build/redteam.json
+	@$(BIN)/corral redteam --benign --eval $(EVAL) -o build/benign.json
 
 lint: setup
 	@$(BIN)/ruff check src tests bench

@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--gate", choices=("both", "on", "off"), default="both")
     rt.add_argument("-o", "--output", default="build/redteam.json", help="the report (JSON)")
     rt.add_argument("--no-internet", action="store_true", help="skip the namespace canary")
+    rt.add_argument(
+        "--benign",
+        action="store_true",
+        help="instead: run benign_dev.jsonl inside and outside a sandbox and compare "
+        "(writes build/benign.json; exit 1 below 99%% the same)",
+    )
     _add_state(rt)
 
     d = sub.add_parser("demo", help="replay the ROME incident through corral")
@@ -520,6 +526,8 @@ def _cmd_redteam(args: argparse.Namespace) -> int:
 
     from corral.redteam import load_attacks, run_attacks, summarize
 
+    if args.benign:
+        return _redteam_benign(args)
     path = Path(args.attacks) if args.attacks else Path(args.eval) / "attacks_dev.jsonl"
     if not path.exists():
         print(
@@ -569,6 +577,45 @@ def _cmd_redteam(args: argparse.Namespace) -> int:
     _print_redteam(report, gates)
     print(f"report: {out}")
     return EXIT_OK if report["canary_hits"] == 0 else EXIT_FLAGGED
+
+
+def _redteam_benign(args: argparse.Namespace) -> int:
+    import time
+
+    from corral.redteam.utility import load_benign, run_utility, summarize
+
+    path = Path(args.eval) / "benign_dev.jsonl"
+    if not path.exists():
+        print(f"corral: no benign corpus at {path} (pass --eval DIR)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        rows = load_benign(path)
+    except ValueError as e:
+        print(f"corral: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    start = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        if done % 250 == 0 or done == total:
+            print(f"  {done}/{total} commands", file=sys.stderr, flush=True)
+
+    results = run_utility(rows, timeout=max(args.timeout, 10.0), progress=progress)
+    report = summarize(results)
+    report["seconds"] = round(time.monotonic() - start, 1)
+    report["source"] = str(path)
+    out = Path(args.output if args.output != "build/redteam.json" else "build/benign.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"benign utility: {report['same']} of {report['commands']} commands behave the same "
+        f"inside the sandbox and outside ({report['share_same']:.2%}; target 99%)"
+    )
+    for reason, d in report["differences"].items():
+        print(f"  {d['count']:5}  {reason}")
+    print(f"report: {out}")
+    return EXIT_OK if (report["share_same"] or 0) >= 0.99 else EXIT_FLAGGED
 
 
 def _print_redteam(report: dict[str, Any], gates: Sequence[str]) -> None:
