@@ -11,6 +11,8 @@ command -v bwrap >/dev/null || need+=(bubblewrap)
 # it exits at the first match, ldconfig gets SIGPIPE, and pipefail calls that failure.)
 ldconfig -p 2>/dev/null | grep 'libseccomp\.so\.2' >/dev/null || need+=(libseccomp2)
 command -v bash >/dev/null || need+=(bash)
+# The demo's agent installs a package with the system's pip, inside its sandbox.
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 # `make test` runs real tools inside sandboxes to prove what fails there.
 if [ "${1:-}" = "--test" ]; then
   command -v ip >/dev/null || need+=(iproute2)

@@ -131,7 +131,9 @@ def test_demo_runs_and_blocks_the_incident(home: Path) -> None:
     r = corral(home, "demo")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "denied" in r.stdout and "intact" in r.stdout
-    # The auditor's second opinion, the incident summary by layer and the HTML report.
+    # The work done for real (the package from the demo's own index), the auditor's
+    # second opinion, the incident summary by layer and the HTML report.
+    assert "FAIL" not in r.stdout and "install the test dependency" in r.stdout
     assert "10 of 17 steps flagged" in r.stdout
     assert "Incident summary" in r.stdout and "stopped or flagged by layer: gate 11" in r.stdout
     reports = list((home / "reports").glob("rome-replay-*.html"))

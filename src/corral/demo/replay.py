@@ -207,6 +207,14 @@ def run_demo(*, policy_name: str, ledger_path: Path, home: Path, as_json: bool =
         console.print(f"policy [cyan]{policy.name}[/] ({policy.hash[:19]}…), task: {task!r}")
         console.print(f"ledger {ledger_path}, run {run_id}\n")
     misses: list[str] = []
+    if not as_json:
+        from corral.demo.coding import replay_coding
+
+        with Ledger.open(ledger_path) as ledger:
+            misses.extend(replay_coding(console, ledger, run_id, task))
+        console.print(
+            "\n[bold]Then what ROME did[/], through the gate (the same task, the same policy)"
+        )
     verdicts: Counter[str] = Counter()
     categories: Counter[str] = Counter()
     with Ledger.open(ledger_path) as ledger:
