@@ -133,7 +133,8 @@ def test_demo_runs_and_blocks_the_incident(home: Path) -> None:
     assert "denied" in r.stdout and "intact" in r.stdout
     # The work done for real (the package from the demo's own index), the auditor's
     # second opinion, the incident summary by layer and the HTML report.
-    assert "FAIL" not in r.stdout and "install the test dependency" in r.stdout
+    assert " FAIL " not in r.stdout and "install the test dependency" in r.stdout
+    assert "unexpected" not in r.stdout
     assert "10 of 17 steps flagged" in r.stdout
     assert "Incident summary" in r.stdout and "stopped or flagged by layer: gate 11" in r.stdout
     reports = list((home / "reports").glob("rome-replay-*.html"))
