@@ -38,7 +38,7 @@ def test_coding_commands_behave_the_same_inside_and_out() -> None:
     assert set(diffs) == {"tunnel", "index"}, {
         k: (v.reason, v.inside_err, v.outside_err) for k, v in diffs.items()
     }
-    assert diffs["index"].reason == "gate deny: net-not-allowed"
+    assert diffs["index"].reason == "gate deny: net-off"
     # The one difference is the gate's doing, and is said so.
     assert (
         diffs["tunnel"].inside == 126 and diffs["tunnel"].reason == "gate deny: tunnel-ssh-forward"

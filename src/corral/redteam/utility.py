@@ -1,8 +1,8 @@
 """Benign utility: do real coding-agent commands behave the same inside the sandbox?
 
 Each command of the benign corpus runs twice in a fresh copy of a small prepared Python
-repository (a package, its tests, a git history): once in a corral sandbox (``swe`` with
-no allowed hosts, the gate on, the watcher on) and once outside it, as the same ordinary
+repository (a package, its tests, a git history): once in a corral sandbox (``swe``
+without network, the gate on, the watcher on) and once outside it, as the same ordinary
 user in a network namespace of its own (so neither side reaches the internet and the
 comparison is about the sandbox, not the network). ``/testbed`` in a command (where
 SWE-bench keeps its repositories) means the copy. Same behaviour: the same exit status,
@@ -91,7 +91,10 @@ def prepare_repo(path: Path) -> None:
 def utility_policy() -> Policy:
     d = Policy.load("swe").spec.model_dump(mode="json", exclude_none=True)
     d["name"] = "swe-utility"
-    d["network"]["allow"] = []  # neither side may reach the internet
+    # Neither side may reach the internet, so the sandbox gets no way out at all: its
+    # proxy is the egress suite's and the red team's to test, and starting one per
+    # ordinary-user process would only add its start-up to every run here.
+    d["network"] = {"mode": "none"}
     d["audit"] = {"auditor": "none"}
     return Policy.from_dict(d, source="<utility policy>")
 
