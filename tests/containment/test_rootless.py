@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +17,7 @@ from corral.ledger import Ledger
 from corral.policy import Policy
 from corral.sandbox import Sandbox, seccomp
 from corral.sandbox import bwrap as _bwrap  # noqa: F401  (imported before dropping root)
-
-USER = "corral-rootless"
+from corral.sandbox.rootless import ordinary_user, runnable_python
 
 CHECKS = {
     "runs": "echo ok",
@@ -33,15 +29,6 @@ CHECKS = {
     "no_nested_userns": "unshare -r true 2>/dev/null; echo $?",
     "no_ptrace": "python3 -c 'import ctypes; print(ctypes.CDLL(None).ptrace(16, 1, 0, 0))'",
 }
-
-
-def _ordinary_user() -> tuple[int, int]:
-    try:
-        entry = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True)
-        entry = pwd.getpwnam(USER)
-    return entry.pw_uid, entry.pw_gid
 
 
 def _run_checks(workspace: Path, server_url: str) -> dict[str, Any]:
@@ -85,7 +72,7 @@ def _as_user(uid: int, gid: int, workspace: Path, server_url: str) -> dict[str, 
             os.setuid(uid)
             os.environ["HOME"] = str(workspace)
             os.environ["CORRAL_HOME"] = str(workspace / ".corral")
-            _runnable_python()
+            runnable_python()
             result = _run_checks(workspace, server_url)
         except BaseException as exc:  # report, never fall back into the test runner
             result = {"error": repr(exc)}
@@ -100,21 +87,7 @@ def _as_user(uid: int, gid: int, workspace: Path, server_url: str) -> dict[str, 
     return parsed
 
 
-def _runnable_python() -> None:
-    """The egress proxy runs as ``python -m corral.egress.server``. When this test's
-    interpreter lives where the ordinary user may not execute it (a Python under /root),
-    use the system's Python 3 with this checkout and its packages on the path."""
-    if os.access(os.path.realpath(sys.executable), os.X_OK):
-        return
-    import corral
-
-    src = str(Path(corral.__file__).resolve().parents[1])
-    site = [p for p in sys.path if p.endswith("site-packages")]
-    os.environ["CORRAL_PYTHON"] = "/usr/bin/python3"
-    os.environ["PYTHONPATH"] = os.pathsep.join([src, *site])
-
-
-def test_sandbox_works_and_holds_as_an_ordinary_user() -> None:
+def test_sandbox_works_and_holds_as_anordinary_user() -> None:
     from tests.egress.servers import serve_hello
 
     # A workspace the ordinary user can reach (pytest's tmp_path is private to root).
@@ -123,7 +96,7 @@ def test_sandbox_works_and_holds_as_an_ordinary_user() -> None:
         workspace.chmod(0o755)
         with serve_hello() as server:  # on the host, for the egress check
             if os.geteuid() == 0:
-                uid, gid = _ordinary_user()
+                uid, gid = ordinary_user()
                 os.chown(workspace, uid, gid)
                 result = _as_user(uid, gid, workspace, server.url)
             else:

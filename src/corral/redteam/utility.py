@@ -18,7 +18,6 @@ import dataclasses
 import itertools
 import json
 import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -31,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from corral.policy import Policy
+from corral.sandbox.rootless import USER, ordinary_user, runnable_python
 
-USER = "corral-rootless"
 TIMEOUT_EXIT = 124
 
 _FILES = {
@@ -211,31 +210,6 @@ def compare_all(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _runnable_python() -> None:
-    """The egress proxy runs as ``python -m corral.egress.server``: when this interpreter
-    is not one the ordinary user may execute, use the system's Python 3 with this
-    checkout and its packages on the path."""
-    import sys
-
-    if os.access(os.path.realpath(sys.executable), os.X_OK):
-        return
-    import corral
-
-    src = str(Path(corral.__file__).resolve().parents[1])
-    site = [p for p in sys.path if p.endswith("site-packages")]
-    os.environ["CORRAL_PYTHON"] = "/usr/bin/python3"
-    os.environ["PYTHONPATH"] = os.pathsep.join([src, *site])
-
-
-def _ordinary_user() -> tuple[int, int]:
-    try:
-        entry = pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", USER], check=True)
-        entry = pwd.getpwnam(USER)
-    return entry.pw_uid, entry.pw_gid
-
-
 def run_utility(
     rows: Sequence[dict[str, Any]],
     *,
@@ -258,7 +232,7 @@ def run_utility(
     import corral.watch.watcher  # noqa: F401
     from corral.sandbox import seccomp
 
-    uid, gid = _ordinary_user()
+    uid, gid = ordinary_user(USER)
     seccomp.filter_bpf()
     utility_policy().check("true")
     read_fd, write_fd = os.pipe()
@@ -275,7 +249,7 @@ def run_utility(
             os.environ["CORRAL_HOME"] = str(tmp / "corral")
             os.environ["TMPDIR"] = str(tmp)
             tempfile.tempdir = str(tmp)
-            _runnable_python()
+            runnable_python()
 
             def tell(done: int, total: int) -> None:
                 _send(write_fd, {"progress": [done, total]})
