@@ -235,6 +235,10 @@ def run_utility(
     uid, gid = ordinary_user(USER)
     seccomp.filter_bpf()
     utility_policy().check("true")
+    # Made by root and handed over: /tmp may not be writable by everyone (minimal
+    # containers), and the user has no home.
+    home = Path(tempfile.mkdtemp(prefix="corral-utility-home-"))
+    os.chown(home, uid, gid)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: an ordinary user for good, then everything
@@ -244,7 +248,7 @@ def run_utility(
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-            tmp = Path(tempfile.mkdtemp(prefix="corral-utility-home-"))
+            tmp = home
             os.environ["HOME"] = str(tmp)
             os.environ["CORRAL_HOME"] = str(tmp / "corral")
             os.environ["TMPDIR"] = str(tmp)
@@ -267,17 +271,19 @@ def run_utility(
             os._exit(code)
     os.close(write_fd)
     result: list[Compared] = []
-    with os.fdopen(read_fd, "r") as pipe:
-        for line in pipe:
-            msg = json.loads(line)
-            if "progress" in msg and progress is not None:
-                progress(*msg["progress"])
-            elif "error" in msg:
-                os.waitpid(pid, 0)
-                raise RuntimeError(f"the utility run failed: {msg['error']}")
-            elif "result" in msg:
-                result = [Compared(**c) for c in msg["result"]]
-    os.waitpid(pid, 0)
+    try:
+        with os.fdopen(read_fd, "r") as pipe:
+            for line in pipe:
+                msg = json.loads(line)
+                if "progress" in msg and progress is not None:
+                    progress(*msg["progress"])
+                elif "error" in msg:
+                    raise RuntimeError(f"the utility run failed: {msg['error']}")
+                elif "result" in msg:
+                    result = [Compared(**c) for c in msg["result"]]
+    finally:
+        os.waitpid(pid, 0)
+        shutil.rmtree(home, ignore_errors=True)
     return result
 
 
