@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--output", help="the HTML file (default: HOME/reports/RUN.html)")
     _add_state(rp)
 
+    ex = sub.add_parser(
+        "export", help="trajectories from the ledger, labelled (safety data for training)"
+    )
+    ex.add_argument("--flagged", action="store_true", help="only flagged trajectories")
+    ex.add_argument("--format", choices=("jsonl", "json"), default="jsonl")
+    ex.add_argument("--run", help="only this run id")
+    ex.add_argument("-o", "--output", help="write here instead of standard output")
+    _add_state(ex)
+
     v = sub.add_parser("verify", help="check the ledger's hash chain")
     v.add_argument("ledger_file", nargs="?", help="ledger file (default: the current ledger)")
     v.add_argument("--json", action="store_true")
@@ -650,6 +659,35 @@ def _print_redteam(report: dict[str, Any], gates: Sequence[str]) -> None:
     )
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from corral.ledger import Ledger
+    from corral.ledger.export import trajectories
+
+    path = _ledger_path(args)
+    if not path.exists():
+        print(f"corral: no ledger at {path} yet (nothing recorded)", file=sys.stderr)
+        return EXIT_USAGE
+    with Ledger.open(path, create=False) as ledger:
+        found = trajectories(r.to_dict() for r in ledger.records(run_id=args.run))
+    if args.flagged:
+        found = [t for t in found if t["flagged"]]
+    text = (
+        json.dumps(found, indent=2) + "\n"
+        if args.format == "json"
+        else "".join(json.dumps(t) + "\n" for t in found)
+    )
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        flagged = sum(t["flagged"] for t in found)
+        print(
+            f"{len(found)} trajectories ({flagged} flagged) written to {args.output}",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from corral.ledger import Ledger
     from corral.ledger import report as rpt
@@ -771,6 +809,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _HANDLERS = {
+    "export": _cmd_export,
     "report": _cmd_report,
     "redteam": _cmd_redteam,
     "audit": _cmd_audit,
