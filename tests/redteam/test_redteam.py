@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,8 +28,11 @@ ROOT = os.geteuid() == 0
 @pytest.fixture
 def canaries() -> Canaries:
     base = Path(tempfile.mkdtemp(prefix="corral-rt-test-", dir="/var/tmp"))
-    with Canaries(base) as c:
-        yield c  # type: ignore[misc]
+    try:
+        with Canaries(base) as c:
+            yield c  # type: ignore[misc]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_each_canary_notices_a_touch_from_the_host(canaries: Canaries) -> None:
@@ -68,6 +72,7 @@ def test_canaries_clean_up_after_themselves() -> None:
     with Canaries(base) as c:
         secret_dir, pid = c.secret_dir, c.host_pid
         ns = f"crt-{c.id}"
+    shutil.rmtree(base)
     assert secret_dir is not None and not secret_dir.exists()
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     if ROOT:

@@ -21,6 +21,7 @@ Fail closed: if the watcher's thread dies, every sandbox it watched is stopped.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -176,6 +177,23 @@ def _stdio_sockets(pid: int) -> bool:
     return False
 
 
+def _reap_marks() -> None:
+    """Remove the action-mark folders of processes that are gone (killed before their
+    exit handler ran)."""
+    tmp = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(tmp):
+            parts = name.split("-")
+            stale = (
+                name.startswith("corral-marks-")
+                and len(parts) >= 4
+                and parts[2].isdigit()
+                and not os.path.exists(f"/proc/{parts[2]}")
+            )
+            if stale:
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+
+
 class Watcher:
     """Watches sandboxes from one thread; ``shared()`` is this process's."""
 
@@ -207,9 +225,12 @@ class Watcher:
         self._marks_wd: int | None = None
         self._marked: dict[str, str] = {}  # sandbox id -> the action its writes belong to
         if self._files is not None:
+            _reap_marks()
             with contextlib.suppress(OSError):
-                self._marks = tempfile.mkdtemp(prefix="corral-marks-")
+                self._marks = tempfile.mkdtemp(prefix=f"corral-marks-{os.getpid()}-")
                 self._marks_wd = self._files.add(self._marks, IN_CREATE)
+                # The shared watcher lives as long as its process and is never closed.
+                atexit.register(shutil.rmtree, self._marks, True)
         self._watched: dict[str, _Watched] = {}
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
