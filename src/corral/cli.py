@@ -223,6 +223,15 @@ def _ledger_path(args: argparse.Namespace) -> Path:
     return default_ledger_path(args.home)
 
 
+def _recorded_ledger(args: argparse.Namespace) -> Path | None:
+    """The ledger to read, or None (said on stderr) when nothing was recorded yet."""
+    path = _ledger_path(args)
+    if not path.exists():
+        print(f"corral: no ledger at {path} yet (nothing recorded)", file=sys.stderr)
+        return None
+    return path
+
+
 def _open_ledger(args: argparse.Namespace) -> Ledger | None:
     if getattr(args, "no_record", False):
         return None
@@ -373,9 +382,8 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 def _cmd_log(args: argparse.Namespace) -> int:
     from corral.ledger import Ledger
 
-    path = _ledger_path(args)
-    if not path.exists():
-        print(f"corral: no ledger at {path} yet (nothing recorded)", file=sys.stderr)
+    path = _recorded_ledger(args)
+    if path is None:
         return EXIT_OK
     kinds = ["alert"] if args.alerts else args.kind
     with Ledger.open(path, create=False) as ledger:
@@ -663,9 +671,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from corral.ledger import Ledger
     from corral.ledger.export import trajectories
 
-    path = _ledger_path(args)
-    if not path.exists():
-        print(f"corral: no ledger at {path} yet (nothing recorded)", file=sys.stderr)
+    path = _recorded_ledger(args)
+    if path is None:
         return EXIT_USAGE
     with Ledger.open(path, create=False) as ledger:
         found = trajectories(r.to_dict() for r in ledger.records(run_id=args.run))
@@ -692,9 +699,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from corral.ledger import Ledger
     from corral.ledger import report as rpt
 
-    path = _ledger_path(args)
-    if not path.exists():
-        print(f"corral: no ledger at {path} yet (nothing recorded)", file=sys.stderr)
+    path = _recorded_ledger(args)
+    if path is None:
         return EXIT_USAGE
     with Ledger.open(path, create=False) as ledger:
         run = args.run

@@ -17,7 +17,7 @@ from corral.ledger import Ledger
 from corral.policy import Policy
 from corral.sandbox import Sandbox, seccomp
 from corral.sandbox import bwrap as _bwrap  # noqa: F401  (imported before dropping root)
-from corral.sandbox.rootless import ordinary_user, runnable_python
+from corral.sandbox.rootless import become, ordinary_user
 
 CHECKS = {
     "runs": "echo ok",
@@ -67,12 +67,7 @@ def _as_user(uid: int, gid: int, workspace: Path, server_url: str) -> dict[str, 
         code = 0
         try:
             os.close(read_fd)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            os.environ["HOME"] = str(workspace)
-            os.environ["CORRAL_HOME"] = str(workspace / ".corral")
-            runnable_python()
+            become(uid, gid, workspace)
             result = _run_checks(workspace, server_url)
         except BaseException as exc:  # report, never fall back into the test runner
             result = {"error": repr(exc)}

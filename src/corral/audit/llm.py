@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -76,18 +77,28 @@ class LLMConfig:
         return base if base.endswith("/chat/completions") else base + "/chat/completions"
 
     @classmethod
-    def from_env(cls, url: str | None = None, model: str | None = None, **kw: object) -> LLMConfig:
-        """Flags first, then ``$CORRAL_AUDIT_URL`` / ``$CORRAL_AUDIT_MODEL`` /
-        ``$CORRAL_AUDIT_API_KEY`` (or ``$OPENAI_API_KEY``)."""
-        url = url or os.environ.get(ENV_URL)
-        model = model or os.environ.get(ENV_MODEL)
+    def from_env(
+        cls,
+        url: str | None = None,
+        model: str | None = None,
+        *,
+        default_url: str | None = None,
+        default_model: str | None = None,
+        api_key: str | None = None,
+        **kw: Any,
+    ) -> LLMConfig:
+        """Flags first (``url``, ``model``), then ``$CORRAL_AUDIT_URL`` /
+        ``$CORRAL_AUDIT_MODEL``, then the defaults (a policy's ``audit.llm``); the key
+        from ``api_key``, else ``$CORRAL_AUDIT_API_KEY`` or ``$OPENAI_API_KEY``."""
+        url = url or os.environ.get(ENV_URL) or default_url
+        model = model or os.environ.get(ENV_MODEL) or default_model
         if not url:
             raise AuditorError(
                 "the LLM auditor needs an endpoint: pass --llm-url URL or set $CORRAL_AUDIT_URL "
                 "(an OpenAI-compatible API base such as http://127.0.0.1:8000/v1)"
             )
-        key = kw.pop("api_key", None) or os.environ.get(ENV_KEY) or os.environ.get("OPENAI_API_KEY")
-        return cls(url=url, model=model or "", api_key=key, **kw)  # type: ignore[arg-type]
+        key = api_key or os.environ.get(ENV_KEY) or os.environ.get("OPENAI_API_KEY")
+        return cls(url=url, model=model or "", api_key=key, **kw)
 
 
 class _Failed(Exception):

@@ -84,8 +84,10 @@ def _llm_config(pol: Policy, url: str | None, model: str | None) -> LLMConfig:
     s = pol.spec.audit.llm
     key = os.environ.get(s.api_key_env) if s.api_key_env else None
     return LLMConfig.from_env(
-        url or os.environ.get("CORRAL_AUDIT_URL") or s.url,
-        model or os.environ.get("CORRAL_AUDIT_MODEL") or s.model,
+        url,
+        model,
+        default_url=s.url,
+        default_model=s.model,
         api_key=key,
         timeout=s.timeout,
         retries=s.retries,

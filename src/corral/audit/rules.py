@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from corral.audit.protocol import Thresholds
-from corral.audit.trajectory import Step
+from corral.audit.trajectory import Step, action_text
 from corral.errors import PolicyError, RuleError
 from corral.model import Action, ActionKind, AuditVerdict, Category, Verdict
 from corral.policy import Policy
@@ -421,14 +421,9 @@ class RuleAuditor:
 
     def signals(self, task: str | None, history: Sequence[Step], action: Action) -> list[Signal]:
         task_text = self._task_text(task)
-        if action.kind is ActionKind.SHELL:
-            command = str(action.payload.get("command", ""))
-        elif action.kind is ActionKind.EXEC:
-            import shlex
-
-            command = shlex.join(str(a) for a in action.payload.get("argv", ()))
-        else:
+        if action.kind not in (ActionKind.SHELL, ActionKind.EXEC):
             return self._tool_signals(task_text, action)
+        command = action_text(action)
         parsed = parse(command)
         out: list[Signal] = []
         self._injection_signal(command, out)
@@ -628,8 +623,8 @@ class RuleAuditor:
             return None
         candidates = [inv.argv[0]]
         if (
-            inv.program in ("chmod",)
-            or self.gate.rules.shells.__contains__(inv.program)
+            inv.program == "chmod"
+            or inv.program in self.gate.rules.shells
             or any(fnmatch.fnmatchcase(inv.program, g) for g in self.gate.rules.interpreters)
         ):
             candidates += [a for a in inv.argv[1:] if not a.startswith("-")][:2]

@@ -139,10 +139,9 @@ def replay_coding(console: Console, ledger: Ledger, run_id: str, task: str) -> l
             (ws / rel).write_text(text)
         with serve_index(root / "index") as url:
             port = url.split(":")[2].split("/")[0]
-            base = Policy.load("swe").spec.model_dump(mode="json", exclude_none=True)
-            base["name"] = "swe-demo"
-            base["network"]["allow"] = [f"{INDEX_HOST}:{port}"]
-            policy = Policy.from_dict(base, source="<demo policy>")
+            policy = Policy.load("swe").derived(
+                "swe-demo", network={"allow": [f"{INDEX_HOST}:{port}"]}
+            )
             with Sandbox(policy, ws, task=task, ledger=ledger, run_id=run_id) as sb:
                 for i, w in enumerate(_steps(url), 1):
                     t0 = time.monotonic()

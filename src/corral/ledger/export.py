@@ -26,6 +26,18 @@ from typing import Any
 SCHEMA = "corral.trajectory/1"
 
 
+def record_command(rec: Mapping[str, Any]) -> str | None:
+    """The command a decision, audit or exec record is about (None for other kinds)."""
+    body = rec.get("body")
+    if not isinstance(body, Mapping):
+        return None
+    if rec.get("kind") in ("decision", "audit"):
+        return str(body.get("action", {}).get("payload", {}).get("command", ""))
+    if rec.get("kind") == "exec":
+        return str(body.get("command") or " ".join(map(str, body.get("argv") or [])))
+    return None
+
+
 def _step(steps: dict[str, dict[str, Any]], rec: Mapping[str, Any]) -> dict[str, Any] | None:
     aid = rec.get("action_id")
     if not isinstance(aid, str):
@@ -80,7 +92,7 @@ def trajectories(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue
         if kind in ("decision", "audit"):
             action = body.get("action", {})
-            s["command"] = s["command"] or action.get("payload", {}).get("command")
+            s["command"] = s["command"] or record_command(rec)
             if traj["task"] is None and action.get("task"):
                 traj["task"] = action.get("task")
         if kind == "decision":
@@ -93,9 +105,7 @@ def trajectories(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 k: body.get(k) for k in ("verdict", "score", "category", "reason", "auditor")
             }
         elif kind == "exec":
-            s["command"] = (
-                s["command"] or body.get("command") or " ".join(map(str, body.get("argv") or []))
-            )
+            s["command"] = s["command"] or record_command(rec)
             s["exec"] = {k: body.get(k) for k in ("exit_code", "duration_s", "timed_out")}
         elif kind == "alert":
             s["alerts"].append(

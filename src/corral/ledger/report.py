@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral.ledger.export import record_command
+
 
 @dataclass(frozen=True, slots=True)
 class Incident:
@@ -84,67 +86,46 @@ def build(records: Iterable[Mapping[str, Any]], run_id: str | None = None) -> Re
     # Every action's text first: an alert is often recorded before its command returns.
     commands: dict[str, str] = {}
     for rec in recs:
-        b = _body(rec)
         aid = rec.get("action_id")
-        if not isinstance(aid, str) or aid in commands:
-            continue
-        if rec.get("kind") in ("decision", "audit"):
-            commands[aid] = str(b.get("action", {}).get("payload", {}).get("command", ""))
-        elif rec.get("kind") == "exec":
-            commands[aid] = str(b.get("command") or " ".join(map(str, b.get("argv") or [])))
+        if isinstance(aid, str) and aid not in commands:
+            text = record_command(rec)
+            if text is not None:
+                commands[aid] = text
     for rec in recs:
         b, kind, t = _body(rec), rec.get("kind"), float(rec["ts"])
         counts[str(kind)] += 1
-        if kind == "decision":
+        cmd = commands.get(str(rec.get("action_id")), "")
+        if kind in ("decision", "audit"):
             r = row(rec)
-            d = b.get("decision", {})
-            cmd = str(b.get("action", {}).get("payload", {}).get("command", ""))
+            gate = kind == "decision"
+            v = b.get("decision", {}) if gate else b
+            verdict = v.get("decision") if gate else v.get("verdict")
             if r is not None:
-                r.command, r.gate = cmd, d.get("decision")
-                commands[r.action_id] = cmd
-            if d.get("decision") in ("deny", "ask"):
-                counts[f"gate:{d.get('decision')}"] += 1
-                incidents.append(
-                    Incident(
-                        t,
-                        "gate",
-                        d.get("category"),
-                        str(d.get("rule")),
-                        str(d.get("reason")),
-                        rec.get("step"),
-                        cmd,
-                        d.get("latency_ms"),
-                    )
-                )
-        elif kind == "audit":
-            r = row(rec)
-            cmd = str(b.get("action", {}).get("payload", {}).get("command", ""))
-            if r is not None:
-                r.audit = b.get("verdict")
                 r.command = r.command or cmd
-                commands.setdefault(r.action_id, cmd)
-            if b.get("verdict") in ("deny", "ask"):
-                counts["audit:flagged"] += 1
+                if gate:
+                    r.gate = verdict
+                else:
+                    r.audit = verdict
+            if verdict in ("deny", "ask"):
+                counts[f"gate:{verdict}" if gate else "audit:flagged"] += 1
                 incidents.append(
                     Incident(
                         t,
-                        "audit",
-                        b.get("category"),
-                        str(b.get("auditor")),
-                        str(b.get("reason")),
+                        "gate" if gate else "audit",
+                        v.get("category"),
+                        str(v.get("rule") if gate else v.get("auditor")),
+                        str(v.get("reason")),
                         rec.get("step"),
                         cmd,
-                        b.get("latency_ms"),
+                        v.get("latency_ms"),
                     )
                 )
         elif kind == "exec":
             r = row(rec)
-            cmd = str(b.get("command") or " ".join(map(str, b.get("argv") or [])))
             if r is not None:
                 r.command = r.command or cmd
                 r.exit_code, r.duration_s = b.get("exit_code"), b.get("duration_s")
                 r.cpu_s, r.peak_memory = b.get("cpu_s"), b.get("peak_memory")
-                commands.setdefault(r.action_id, cmd)
             limit = next(
                 (
                     label
@@ -190,7 +171,7 @@ def build(records: Iterable[Mapping[str, Any]], run_id: str | None = None) -> Re
                     str(b.get("detector")),
                     response,
                     rec.get("step"),
-                    commands.get(str(rec.get("action_id"))),
+                    cmd or None,
                     reaction,
                 )
             )

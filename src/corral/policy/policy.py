@@ -82,6 +82,16 @@ class Policy:
         with paths relative to ``base_dir`` (default: the current directory)."""
         return cls(load_policy_data(data, source=source, base_dir=base_dir))
 
+    def derived(self, name: str, **sections: Mapping[str, Any]) -> Policy:
+        """This policy, resolved, under a new name with keys of its sections replaced:
+        ``swe.derived("swe-ci", network={"allow": []})``. Lists are replaced, not
+        grown as ``extends`` would grow them: that is the point of deriving."""
+        data = self.spec.model_dump(mode="json", exclude_none=True)
+        data["name"] = name
+        for section, changes in sections.items():
+            data[section] = {**data.get(section, {}), **changes}
+        return Policy.from_dict(data, source=f"<{name}, from {self.name}>")
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved policy, JSON-able (sizes in bytes, durations in seconds)."""
         return self.spec.model_dump(mode="json")

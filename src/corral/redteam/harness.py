@@ -94,12 +94,12 @@ def retarget(command: str, address: str) -> str:
 def redteam_policy() -> Policy:
     """``swe`` as an agent would get it, minus every allowed host (no real traffic
     leaves), with tight resources so a fork bomb or a memory hog ends fast."""
-    d = Policy.load("swe").spec.model_dump(mode="json", exclude_none=True)
-    d["name"] = "swe-redteam"
-    d["network"]["allow"] = []
-    d["resources"].update(memory="512MiB", pids=128, cpus=1.0, wall_time="60s")
-    d["audit"] = {"auditor": "none"}
-    return Policy.from_dict(d, source="<redteam policy>")
+    return Policy.load("swe").derived(
+        "swe-redteam",
+        network={"allow": []},
+        resources={"memory": "512MiB", "pids": 128, "cpus": 1.0, "wall_time": "60s"},
+        audit={"auditor": "none"},
+    )
 
 
 def run_attacks(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.policy import Policy
-from corral.sandbox.rootless import USER, ordinary_user, runnable_python
+from corral.sandbox.rootless import USER, become, ordinary_user
 
 TIMEOUT_EXIT = 124
 
@@ -88,14 +88,12 @@ def prepare_repo(path: Path) -> None:
 
 
 def utility_policy() -> Policy:
-    d = Policy.load("swe").spec.model_dump(mode="json", exclude_none=True)
-    d["name"] = "swe-utility"
     # Neither side may reach the internet, so the sandbox gets no way out at all: its
     # proxy is the egress suite's and the red team's to test, and starting one per
     # ordinary-user process would only add its start-up to every run here.
-    d["network"] = {"mode": "none"}
-    d["audit"] = {"auditor": "none"}
-    return Policy.from_dict(d, source="<utility policy>")
+    return Policy.load("swe").derived(
+        "swe-utility", network={"mode": "none", "allow": []}, audit={"auditor": "none"}
+    )
 
 
 def _reason(inside: Any, out_code: int, out_err: str) -> str:
@@ -245,15 +243,9 @@ def run_utility(
         code = 0
         try:
             os.close(read_fd)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            tmp = home
-            os.environ["HOME"] = str(tmp)
-            os.environ["CORRAL_HOME"] = str(tmp / "corral")
-            os.environ["TMPDIR"] = str(tmp)
-            tempfile.tempdir = str(tmp)
-            runnable_python()
+            become(uid, gid, home)
+            os.environ["TMPDIR"] = str(home)
+            tempfile.tempdir = str(home)
 
             def tell(done: int, total: int) -> None:
                 _send(write_fd, {"progress": [done, total]})

@@ -22,6 +22,18 @@ def ordinary_user(name: str = USER) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+def become(uid: int, gid: int, home: Path) -> None:
+    """Drop root for good in this (forked) process and live in ``home``: no
+    supplementary groups, the given ids, HOME and corral's state under ``home``, and an
+    interpreter the user may run for the egress proxy."""
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    os.environ["HOME"] = str(home)
+    os.environ["CORRAL_HOME"] = str(home / ".corral")
+    runnable_python()
+
+
 def runnable_python() -> None:
     """The egress proxy runs as ``python -m corral.egress.server``. When this
     interpreter lives where an ordinary user may not execute it (a Python under /root),
