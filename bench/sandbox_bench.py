@@ -95,7 +95,7 @@ def idle_memory(policy: Policy, ws: str, ledger: Ledger, count: int) -> tuple[fl
             boxes.append(sb)
         total = 0
         for sb in boxes:
-            session = sb.backend._boxes[sb.id].session  # type: ignore[attr-defined]
+            session = sb.backend._boxes[sb.id].sessions["default"]  # type: ignore[attr-defined]
             total += sum(_pss(p) for p in _tree(session.proc.pid))
         return total / len(boxes), len(boxes)
     finally:

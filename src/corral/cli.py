@@ -188,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_state(rt)
 
+    sv = sub.add_parser(
+        "serve", help="serve ROCK's sandbox protocol over HTTP (for RL trainers' rollout workers)"
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument(
+        "--tokens", metavar="FILE", help="YAML of user: token (also $CORRAL_SERVE_TOKEN)"
+    )
+    sv.add_argument(
+        "--local-only",
+        action="store_true",
+        help="no token asked for; only allowed on a loopback address",
+    )
+    sv.add_argument("--profiles", metavar="FILE", help="image profiles (default: the shipped ones)")
+    sv.add_argument("--no-gate", action="store_true", help="containment only (for testing)")
+    _add_state(sv)
+
     d = sub.add_parser("demo", help="replay the ROME incident through corral")
     d.add_argument("--policy", default="swe")
     d.add_argument("--json", action="store_true", help="print the decisions as JSON lines")
@@ -814,7 +831,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from corral.host import Host, ProfileRegistry
+    from corral.serve.server import check_exposure, serve_forever, tokens_from
+
+    tokens = check_exposure(args.host, tokens_from(args.tokens), args.local_only)
+    profiles = ProfileRegistry.load(args.profiles)
+    host = Host(
+        profiles=profiles,
+        ledger=_ledger_path(args),
+        root=corral_home(args.home) / "host",
+        gate=not args.no_gate,
+    )
+    who = "no token (loopback only)" if tokens is None else f"{len(tokens.by_token)} token(s)"
+    print(
+        f"corral serve: http://{args.host}:{args.port}/apis/envs/sandbox/v1 ({who}; "
+        f"profiles: {', '.join(profiles.names())}; ledger: {_ledger_path(args)})",
+        file=sys.stderr,
+    )
+    serve_forever(host, args.host, args.port, tokens)
+    return EXIT_OK
+
+
 _HANDLERS = {
+    "serve": _cmd_serve,
     "export": _cmd_export,
     "report": _cmd_report,
     "redteam": _cmd_redteam,

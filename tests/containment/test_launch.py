@@ -77,7 +77,7 @@ def test_closing_waits_for_every_process_in_the_namespace(tmp_path: Path) -> Non
         sb = Sandbox(OPEN_GATE, tmp_path, gate=False, ledger=ledger)
         r = sb.run("for i in 1 2 3; do setsid sleep 1000.5 & done; echo $!")
         assert r.exit_code == 0
-        session = sb.backend._boxes[sb.id].session  # type: ignore[attr-defined]
+        session = sb.backend._boxes[sb.id].sessions["default"]  # type: ignore[attr-defined]
         init = session.launched.init
         assert init is not None
         sb.close()

@@ -10,6 +10,7 @@ from corral.ledger.chain import (
     record_hash,
     sha256_hex,
 )
+from corral.ledger.labelled import LabelledLedger
 from corral.ledger.store import (
     KIND_ALERT,
     KIND_DECISION,
@@ -29,6 +30,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "ChainChecker",
     "Durability",
+    "LabelledLedger",
     "Ledger",
     "LedgerRecord",
     "VerifyReport",

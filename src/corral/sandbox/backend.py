@@ -169,10 +169,24 @@ class Backend(Protocol):
     ) -> ExecResult: ...
 
     def run_shell(
-        self, sandbox_id: str, command: str, *, timeout: float | None = None
+        self,
+        sandbox_id: str,
+        command: str,
+        *,
+        timeout: float | None = None,
+        session: str = "default",
     ) -> ExecResult:
-        """A shell command in the sandbox's persistent shell (state carries over)."""
+        """A shell command in one of the sandbox's persistent shells (state carries over
+        between commands of the same ``session``)."""
         ...
+
+    def open_session(
+        self, sandbox_id: str, name: str, env: Mapping[str, str] | None = None
+    ) -> None:
+        """Another persistent shell in the sandbox; an error if ``name`` exists."""
+        ...
+
+    def close_session(self, sandbox_id: str, name: str) -> None: ...
 
     def read_file(self, sandbox_id: str, path: str) -> bytes: ...
 

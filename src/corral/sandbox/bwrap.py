@@ -21,7 +21,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,17 @@ from corral.sandbox.session import IO_DIR, ShellSession
 # Paths mounted empty and read-only: the host's runtime sockets (docker, containerd,
 # dbus, systemd) live under /run, and /sys would show the host's devices.
 _EMPTY_RO = ("/run", "/sys")
+
+DEFAULT_SESSION = "default"
+# Named shells per sandbox; ROCK clients open one per command when they name none.
+MAX_SESSIONS = 32
+
+
+def _idle(session: ShellSession) -> bool:
+    """Nothing runs under the session's shell but the shell (no background job)."""
+    pid = session.launched.init_pid
+    # The sandbox's pid 1 and its shell; anything more is a job the agent left running.
+    return pid is None or len(descendants(pid)) <= 2
 
 
 # Device nodes every NVIDIA GPU process needs besides its own /dev/nvidiaN.
@@ -198,7 +209,10 @@ class _Box:
     on_event: EventSink | None = None
     cgroup: Cgroup | None = None
     cgroup_tried: bool = False
-    session: ShellSession | None = None
+    # Named shells (ROCK's sessions); "default" is the one ``run_shell`` uses unless told.
+    # Each is a bubblewrap of its own over the same workspace, cgroup and proxy.
+    sessions: dict[str, ShellSession] = field(default_factory=dict)
+    session_used: dict[str, float] = field(default_factory=dict)
     live: set[Launched] = field(default_factory=set)  # its running bubblewraps
     egress: EgressProxy | None = None  # the proxy it was handed to, if it has a network
     stopped: str | None = None  # why it was stopped from outside (its proxy died)
@@ -447,18 +461,64 @@ class BwrapBackend:
         finally:
             os.close(filter_fd)
 
-    def _session(self, sandbox_id: str) -> ShellSession:
+    def _session(self, sandbox_id: str, name: str = DEFAULT_SESSION) -> ShellSession:
         box = self._box(sandbox_id)
-        if box.session is not None and box.session.alive:
-            return box.session
-        if box.session is not None:
-            box.session.close()
+        session = box.sessions.get(name)
+        if session is not None and session.alive:
+            box.session_used[name] = time.monotonic()
+            return session
+        if session is None and name != DEFAULT_SESSION:
+            raise SandboxError(f"sandbox {sandbox_id} has no session {name!r}; open it first")
+        if session is not None:
+            session.close()
+        return self._start_session(sandbox_id, box, name)
 
+    def _start_session(self, sandbox_id: str, box: _Box, name: str) -> ShellSession:
         def spawn(command: list[str], io_dir: Path, **popen: Any) -> Launched:
             return self._launch(sandbox_id, command, io_dir=io_dir, **popen)
 
-        box.session = ShellSession(spawn, halted=lambda: box.stopped)
-        return box.session
+        session = ShellSession(spawn, halted=lambda: box.stopped)
+        box.sessions[name] = session
+        box.session_used[name] = time.monotonic()
+        return session
+
+    def open_session(
+        self, sandbox_id: str, name: str, env: Mapping[str, str] | None = None
+    ) -> None:
+        """A new named shell in the sandbox (ROCK's ``create_session``). Past
+        ``MAX_SESSIONS`` the least recently used idle one (its shell runs nothing in the
+        background) is closed to make room; when none is idle this is refused."""
+        box = self._box(sandbox_id)
+        if name in box.sessions:
+            raise SandboxError(f"session {name!r} already exists in sandbox {sandbox_id}")
+        while len(box.sessions) >= MAX_SESSIONS:
+            idle = [n for n in box.sessions if n != DEFAULT_SESSION and _idle(box.sessions[n])]
+            if not idle:
+                raise SandboxError(
+                    f"sandbox {sandbox_id} has {len(box.sessions)} sessions, each running "
+                    "something in the background; close one first"
+                )
+            self._drop_session(box, min(idle, key=lambda n: box.session_used.get(n, 0.0)))
+        session = self._start_session(sandbox_id, box, name)
+        if env:
+            exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+            session.run(exports, 10.0)
+
+    def close_session(self, sandbox_id: str, name: str) -> None:
+        """End a named shell and everything it started."""
+        box = self._box(sandbox_id)
+        if name not in box.sessions:
+            raise SandboxError(f"sandbox {sandbox_id} has no session {name!r}")
+        self._drop_session(box, name)
+
+    def session_names(self, sandbox_id: str) -> list[str]:
+        return list(self._box(sandbox_id).sessions)
+
+    @staticmethod
+    def _drop_session(box: _Box, name: str) -> None:
+        session = box.sessions.pop(name)
+        box.session_used.pop(name, None)
+        session.close()
 
     def exec(
         self,
@@ -479,16 +539,21 @@ class BwrapBackend:
         return self.run_shell(sandbox_id, shlex.join(argv), timeout=timeout)
 
     def run_shell(
-        self, sandbox_id: str, command: str, *, timeout: float | None = None
+        self,
+        sandbox_id: str,
+        command: str,
+        *,
+        timeout: float | None = None,
+        session: str = DEFAULT_SESSION,
     ) -> ExecResult:
-        """A shell command in the sandbox's persistent shell: ``cd``, exported variables
-        and background jobs carry over to the next command."""
+        """A shell command in one of the sandbox's persistent shells (``session``):
+        ``cd``, exported variables and background jobs carry over to its next command."""
         box = self._box(sandbox_id)
         limit = box.spec.wall_time if timeout is None else timeout
-        session = self._session(sandbox_id)
+        shell = self._session(sandbox_id, session)
         before = box.cgroup.usage() if box.cgroup else None
         start = time.perf_counter()
-        o = session.run(command, limit)
+        o = shell.run(command, limit)
         code = EXIT_TIMEOUT if o.status is None else o.status
         if o.ended == "halted":
             code = 128 + signal.SIGKILL
@@ -591,8 +656,8 @@ class BwrapBackend:
         box = self._boxes.pop(sandbox_id, None)
         if box is None:
             return
-        if box.session is not None:
-            box.session.close()
+        for name in list(box.sessions):
+            self._drop_session(box, name)
         for launched in list(box.live):  # a `corral run` agent still going
             launched.kill()
         if box.egress is not None:

@@ -13,6 +13,7 @@ its result has exit code 126 and the reason on stderr.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import shlex
 import threading
@@ -85,10 +86,12 @@ class Sandbox:
         backend: Backend | str = "bwrap",
         watch: bool | Watcher = True,
         auditor: Auditor | bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """``watch``: the host's watcher follows what the sandbox's processes do and
         answers detector matches (True: this process's shared watcher; a ``Watcher`` to
         use that one; False to turn watching off, for testing containment alone).
+        ``env``: variables set for everything the sandbox runs, over the policy's.
         ``auditor``: True for the policy's (``audit.auditor``), an ``Auditor`` to review
         every action with that one, False for none."""
         self.policy = policy if isinstance(policy, Policy) else Policy.load(policy)
@@ -100,6 +103,8 @@ class Sandbox:
         self.run_id = run_id
         self.gate = gate
         self.spec = SandboxSpec.from_policy(self.policy, workspace)
+        if env:
+            self.spec = dataclasses.replace(self.spec, env={**self.spec.env, **env})
         self.workspace: Path = self.spec.workspace
         self._own_ledger = not isinstance(ledger, Ledger)
         self.ledger = (
@@ -160,8 +165,11 @@ class Sandbox:
         step: int | None = None,
         episode: int | None = None,
         stream: bool = False,
+        session: str | None = None,
     ) -> Result:
-        """Run a shell command string (through bash) or an argv list."""
+        """Run a shell command string (through bash) or an argv list. A string runs in
+        the sandbox's persistent shell, or in the named ``session`` (see
+        ``open_session``); an argv runs in that shell too, quoted."""
         if self.episode_ended:
             raise EpisodeEnded(f"the episode was ended: {self.episode_ended}")
         self._step += 1
@@ -206,9 +214,13 @@ class Sandbox:
         if self.watcher is not None:
             self.watcher.mark(self.id, action.id)
         try:
-            if isinstance(command, str) and not stream:
-                r = self.backend.run_shell(self.id, command, timeout=timeout)
-                what: dict[str, Any] = {"command": command, "in": "session"}
+            if (isinstance(command, str) or session is not None) and not stream:
+                r = self.backend.run_shell(
+                    self.id, text, timeout=timeout, session=session or "default"
+                )
+                what: dict[str, Any] = {"command": text, "in": "session"}
+                if session is not None:
+                    what["session"] = session
             else:
                 argv = ["/bin/bash", "-c", command] if isinstance(command, str) else list(command)
                 r = self.backend.exec(self.id, argv, timeout=timeout, stream=stream)
@@ -337,6 +349,20 @@ class Sandbox:
             action_id=action.id,
             sandbox_id=self.id,
         )
+
+    def open_session(self, name: str, env: Mapping[str, str] | None = None) -> None:
+        """Another persistent shell in this sandbox, for ``run(..., session=name)``:
+        its own working directory, variables and background jobs; the same workspace,
+        limits, watcher and way out."""
+        self.backend.open_session(self.id, name, env)
+        self.ledger.append_note(
+            {"event": "session opened", "sandbox_id": self.id, "session": name},
+            run_id=self.run_id,
+        )
+
+    def close_session(self, name: str) -> None:
+        """End a named shell and everything it left running."""
+        self.backend.close_session(self.id, name)
 
     def read_file(self, path: str) -> str:
         return self.backend.read_file(self.id, path).decode("utf-8", "replace")

@@ -1,0 +1,345 @@
+"""``corral serve``: ROCK's sandbox protocol over HTTP, on one ``Host``.
+
+Every route is under ``/apis/envs/sandbox/v1/`` and answers HTTP 200 with ROCK's
+envelope (see ``protocol``), except a missing or wrong token: HTTP 401, before any
+sandbox is touched. Routes are plain functions, run in FastAPI's thread pool; requests to
+one sandbox take turns (``Host.using``), requests to different sandboxes run at once.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations at
+# runtime, and some name types local to create_app.
+import contextlib
+import shlex
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from corral import __version__
+from corral.errors import CorralError
+from corral.host import Host, Hosted
+from corral.policy.schema import parse_size
+from corral.sandbox.files import UnsafePathError
+from corral.sandbox.sandbox import EXIT_DENIED
+from corral.serve import protocol as p
+from corral.serve.auth import LOCAL_USER, Tokens, labels_from, token_from
+
+PREFIX = "/apis/envs/sandbox/v1"
+UPLOAD_LIMIT = 256 << 20
+
+
+class _Refused(Exception):
+    """Ends a request with a Failed envelope (``message`` is the operation)."""
+
+    def __init__(self, message: str, error: str) -> None:
+        super().__init__(error)
+        self.message, self.error = message, error
+
+
+def create_app(host: Host, tokens: Tokens | None) -> FastAPI:
+    """The API over ``host``. ``tokens`` None: no token asked for (loopback only; the
+    caller checks the address it binds)."""
+    app = FastAPI(title="corral", version=__version__, docs_url=None, redoc_url=None)
+    app.state.host = host
+    hostname = socket.gethostname()
+
+    def caller(request: Request) -> str:
+        if tokens is None:
+            return LOCAL_USER
+        user = tokens.user(token_from(request.headers))
+        if user is None:
+            raise _Unauthorized()
+        return user
+
+    User = Annotated[str, Depends(caller)]
+
+    @app.exception_handler(_Unauthorized)
+    def _unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            p.failed(
+                "unauthorized",
+                "a valid API token is required (XRL-Authorization: Bearer TOKEN, "
+                "Authorization: Bearer TOKEN or X-API-Key: TOKEN)",
+            ),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @contextmanager
+    def answering(what: str) -> Iterator[None]:
+        try:
+            yield
+        except _Refused:
+            raise
+        except (CorralError, OSError, UnicodeError, ValueError) as e:
+            raise _Refused(what, str(e)) from None
+
+    @app.exception_handler(_Refused)
+    def _refused(request: Request, exc: _Refused) -> JSONResponse:
+        return JSONResponse(p.failed(exc.message, exc.error))
+
+    def server_ip(request: Request) -> str:
+        server = request.scope.get("server")
+        if server and server[0] and server[0] not in ("0.0.0.0", "::"):
+            return str(server[0])
+        return "127.0.0.1"
+
+    def status_of(h: Hosted, request: Request) -> dict[str, Any]:
+        spec = h.sandbox.spec
+        alive = h.alive
+        stage = {"status": "success", "message": "corral sandbox ready"}
+        return {
+            "sandbox_id": h.id,
+            "status": {"image_pull": stage, "docker_run": stage},
+            "state": "running" if alive else "stopped",
+            "is_alive": alive,
+            "host_name": hostname,
+            "host_ip": server_ip(request),
+            "image": h.profile.name,
+            "user_id": h.labels.get("user_id"),
+            "experiment_id": h.labels.get("experiment_id"),
+            "namespace": h.labels.get("namespace"),
+            "cpus": spec.cpus,
+            "memory": p.size_text(spec.memory),
+            "start_time": _iso(h.created),
+            "stop_time": _iso(h.stopped_at) if h.stopped_at else None,
+            # corral's own: where the workspace is, and why it stopped.
+            "workdir": str(h.workspace),
+            "policy": h.sandbox.policy.name,
+            "stopped": h.stopped or h.sandbox.stopped,
+            "episode_ended": h.episode_ended,
+            "alerts": len(h.sandbox.alerts),
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+    @app.post(f"{PREFIX}/start_async")
+    @app.post(f"{PREFIX}/start")
+    def start(body: p.StartRequest, request: Request, user: User) -> dict[str, Any]:
+        with answering("start sandbox failed"):
+            minutes = body.auto_clear_time_minutes or body.auto_clear_time
+            memory = parse_size(body.memory) if body.memory else None
+            h = host.start(
+                body.image,
+                owner=user,
+                sandbox_id=body.sandbox_id,
+                labels=labels_from(request.headers),
+                idle_ttl=minutes * 60.0 if minutes else None,
+                memory=memory,
+                cpus=p.parse_cpus(body.cpus),
+            )
+        spec = h.sandbox.spec
+        return p.envelope(
+            {
+                "sandbox_id": h.id,
+                "host_name": hostname,
+                "host_ip": server_ip(request),
+                "cpus": spec.cpus,
+                "memory": p.size_text(spec.memory),
+            }
+        )
+
+    @app.get(f"{PREFIX}/get_status")
+    def get_status(sandbox_id: str, request: Request, user: User) -> dict[str, Any]:
+        with answering("get sandbox status failed"):
+            h = host.get(sandbox_id, user)
+        return p.envelope(status_of(h, request))
+
+    @app.get(f"{PREFIX}/is_alive")
+    def is_alive(sandbox_id: str, user: User) -> dict[str, Any]:
+        try:
+            h = host.get(sandbox_id, user)
+        except CorralError:
+            return p.envelope({"is_alive": False, "message": f"no sandbox {sandbox_id!r}"})
+        return p.envelope({"is_alive": h.alive, "message": hostname})
+
+    @app.post(f"{PREFIX}/stop")
+    def stop(body: p.SandboxRef, user: User) -> dict[str, Any]:
+        with answering("stop sandbox failed"):
+            host.stop(body.sandbox_id, user, "stopped by the client")
+        return p.envelope(f"{body.sandbox_id} stopped")
+
+    @app.post(f"{PREFIX}/delete")
+    def delete(body: p.SandboxRef, user: User) -> dict[str, Any]:
+        with contextlib.suppress(CorralError):  # ROCK: deleting an unknown one succeeds
+            host.delete(body.sandbox_id, user)
+        return p.envelope(f"{body.sandbox_id} deleted")
+
+    @app.get(f"{PREFIX}/get_token")
+    def get_token(user: User) -> dict[str, Any]:
+        # ROCK hands out object-storage credentials here; corral has no object store, and
+        # the SDK then uploads through /upload instead.
+        return p.failed(
+            "get token failed", "corral has no object storage; upload files with /upload"
+        )
+
+    # ---------------------------------------------------------------- sessions
+    @app.post(f"{PREFIX}/create_session")
+    def create_session(body: p.CreateSessionRequest, user: User) -> dict[str, Any]:
+        what = "create session failed"
+        if body.remote_user not in (None, "", "root"):
+            raise _Refused(what, "remote_user is not supported: a sandbox has one user")
+        with answering(what), host.using(body.sandbox_id, user) as h:
+            h.sandbox.open_session(body.session, body.env)
+            output = ""
+            for path in body.startup_source:
+                r = h.sandbox.run(f"source {_quote(path)}", session=body.session)
+                output += r.stdout + r.stderr
+        return p.envelope({"session_type": "bash", "output": output})
+
+    @app.post(f"{PREFIX}/close_session")
+    def close_session(body: p.CloseSessionRequest, user: User) -> dict[str, Any]:
+        what = "close session failed"
+        with answering(what), host.using(body.sandbox_id, user) as h:
+            h.sandbox.close_session(body.session)
+        return p.envelope({"session_type": "bash"})
+
+    @app.post(f"{PREFIX}/run_in_session")
+    def run_in_session(body: p.BashAction, user: User) -> dict[str, Any]:
+        what = "run in session failed"
+        with answering(what), host.using(body.sandbox_id, user) as h:
+            r = h.sandbox.run(body.command, timeout=body.timeout, session=body.session)
+            refused = (
+                r.stderr.strip()
+                if r.exit_code == EXIT_DENIED and r.stderr.startswith("corral: ")
+                else None
+            )
+            reason = p.failure_reason(h.alerts(), refused, h.episode_ended, h.sandbox.stopped)
+            limit = body.timeout if body.timeout is not None else h.sandbox.spec.wall_time
+            return p.observation(body, r.exit_code, r.stdout + r.stderr, reason, r.timed_out, limit)
+
+    @app.post(f"{PREFIX}/execute")
+    def execute(body: p.CommandRequest, user: User) -> dict[str, Any]:
+        what = "execute command failed"
+        with answering(what), host.using(body.sandbox_id, user) as h:
+            command = _command_line(body)
+            r = h.sandbox.run(command, timeout=body.timeout)
+            reason = p.failure_reason(h.alerts(), None, h.episode_ended, h.sandbox.stopped)
+        return p.envelope(
+            {
+                "stdout": r.stdout,
+                "stderr": r.stderr + (reason + "\n" if reason else ""),
+                "exit_code": r.exit_code,
+            }
+        )
+
+    # ---------------------------------------------------------------- files
+    @app.post(f"{PREFIX}/read_file")
+    def read_file(body: p.ReadFileRequest, user: User) -> dict[str, Any]:
+        what = "read file failed"
+        with answering(what), host.using(body.sandbox_id, user) as h:
+            data = h.sandbox.backend.read_file(h.sandbox.id, _in_workspace(h, body.path))
+            content = data.decode(body.encoding or "utf-8", body.errors or "strict")
+            _note(h, "file read", body.path, len(data))
+        return p.envelope({"content": content})
+
+    @app.post(f"{PREFIX}/write_file")
+    def write_file(body: p.WriteFileRequest, user: User) -> dict[str, Any]:
+        what = "write file failed"
+        with answering(what), host.using(body.sandbox_id, user) as h:
+            data = body.content.encode()
+            h.sandbox.write_file(_in_workspace(h, body.path), data)
+            _note(h, "file written", body.path, len(data))
+        return p.envelope({"success": True, "message": f"wrote {body.path}"})
+
+    @app.post(f"{PREFIX}/upload")
+    def upload(
+        user: User,
+        file: Annotated[UploadFile, File()],
+        target_path: Annotated[str, Form()],
+        sandbox_id: Annotated[str, Form()],
+    ) -> dict[str, Any]:
+        what = "upload file failed"
+        with answering(what), host.using(sandbox_id, user) as h:
+            data = file.file.read(UPLOAD_LIMIT + 1)
+            if len(data) > UPLOAD_LIMIT:
+                raise _Refused(what, f"the file is larger than {UPLOAD_LIMIT} bytes")
+            h.sandbox.write_file(_in_workspace(h, target_path), data)
+            _note(h, "file uploaded", target_path, len(data))
+        return p.envelope(
+            {"success": True, "message": f"uploaded to {target_path}", "file_name": file.filename}
+        )
+
+    # ---------------------------------------------------------------- corral's own
+    @app.get(f"{PREFIX}/alerts")
+    def alerts(sandbox_id: str, user: User, since: int = 0) -> dict[str, Any]:
+        """Every alert of the sandbox from index ``since`` on, and whether its episode
+        was ended: what a trainer reads to penalise or drop a trajectory."""
+        with answering("get alerts failed"):
+            h = host.get(sandbox_id, user)
+        found = list(h.sandbox.alerts)
+        return p.envelope(
+            {
+                "sandbox_id": h.id,
+                "alerts": [_alert_dict(a) for a in found[since:]],
+                "next": len(found),
+                "episode_ended": h.episode_ended,
+                "stopped": h.stopped or h.sandbox.stopped,
+            }
+        )
+
+    @app.get("/")
+    def root() -> dict[str, Any]:
+        return {"service": "corral", "version": __version__, "protocol": "rock-sandbox-v1"}
+
+    return app
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat()
+
+
+def _quote(s: str) -> str:
+    return shlex.quote(s)
+
+
+def _command_line(body: p.CommandRequest) -> str:
+    """``execute``: a list is an argv, a string goes through a shell; either way in a
+    subshell, so its ``cwd`` and ``env`` do not stay in the sandbox's shell."""
+    cmd = body.command
+    line = " ".join(_quote(a) for a in cmd) if isinstance(cmd, list) else cmd
+    prefix = ""
+    if body.cwd:
+        prefix += f"cd {_quote(body.cwd)} && "
+    for k, v in (body.env or {}).items():
+        if not k.isidentifier():
+            raise _Refused("execute command failed", f"bad environment variable name {k!r}")
+        prefix += f"export {k}={_quote(v)} && "
+    return f"( {prefix}{line}\n)" if prefix else line
+
+
+def _in_workspace(h: Hosted, path: str) -> str:
+    """A client path as the workspace sees it: relative paths are in the workspace;
+    an absolute one must be inside it (nothing else of the host is served)."""
+    if path.startswith("/") and not (path + "/").startswith(str(h.workspace) + "/"):
+        raise UnsafePathError(
+            f"{path} is outside the sandbox's workspace {h.workspace}; corral serves files "
+            "in the workspace only (use a relative path)"
+        )
+    return path
+
+
+def _note(h: Hosted, event: str, path: str, size: int) -> None:
+    h.sandbox.ledger.append_note(
+        {"event": event, "sandbox_id": h.sandbox.id, "path": path, "bytes": size},
+        run_id=h.sandbox.run_id,
+    )
+
+
+def _alert_dict(a: Any) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "detector": a.detector,
+        "category": a.category.value,
+        "severity": a.severity.value,
+        "response": a.response,
+        "action_id": a.action_id,
+        "time": a.time,
+    }

@@ -1,0 +1,93 @@
+"""Running the API: in the foreground (``corral serve``) or in a thread (tests, benches)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from corral.errors import CorralError
+from corral.host import Host
+from corral.serve.app import create_app
+from corral.serve.auth import TOKEN_ENV, Tokens
+
+
+class ServeError(CorralError, ValueError):
+    """``corral serve`` was asked for something unsafe or impossible."""
+
+
+def _loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(address: str, tokens: Tokens, local_only: bool) -> Tokens | None:
+    """The tokens to require, or None when none are (``--local-only``, loopback only)."""
+    if local_only:
+        if not _loopback(address):
+            raise ServeError(
+                f"--local-only serves loopback only, not {address}: bind 127.0.0.1, or give "
+                "tokens instead"
+            )
+        return None
+    if not tokens.by_token:
+        raise ServeError(
+            f"corral serve needs API tokens: --tokens FILE (user: token lines) or ${TOKEN_ENV}; "
+            "or --local-only to serve loopback without a token"
+        )
+    return tokens
+
+
+def _config(host: Host, address: str, port: int, tokens: Tokens | None) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(host, tokens),
+        host=address,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        # Many rollout workers hold connections open between calls.
+        backlog=2048,
+        timeout_keep_alive=30,
+    )
+
+
+def serve_forever(host: Host, address: str, port: int, tokens: Tokens | None) -> None:
+    server = uvicorn.Server(_config(host, address, port, tokens))
+    try:
+        server.run()
+    finally:
+        host.close()
+
+
+@contextmanager
+def serving(
+    host: Host, address: str = "127.0.0.1", port: int = 0, tokens: Tokens | None = None
+) -> Iterator[str]:
+    """The API on a thread; yields its base URL (``port`` 0: any free one)."""
+    server = uvicorn.Server(_config(host, address, port, tokens))
+    thread = threading.Thread(target=server.run, name="corral-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ServeError(f"the API did not start on {address}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()
+    try:
+        yield f"http://{address}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def tokens_from(path: str | None) -> Tokens:
+    return Tokens.load(path, os.environ)
