@@ -38,6 +38,7 @@ bench: setup
 	@$(BIN)/python bench/egress_bench.py
 	@$(BIN)/python bench/watch_bench.py
 	@$(BIN)/python bench/audit_bench.py --eval $(EVAL) --quiet
+	@$(BIN)/python bench/serve_bench.py
 
 redteam: setup
 	@bash scripts/setup-system.sh --test

@@ -105,3 +105,41 @@ def test_a_sandbox_that_cannot_start_says_why(
     with pytest.raises(CorralError, match="no-such-option"):
         ShellSession(broken)
     assert list((tmp_path / "home" / "run").iterdir()) == []  # nothing left behind
+
+
+def test_named_sessions_keep_their_own_shell_state(sandbox: Sandbox) -> None:
+    sandbox.open_session("a", {"WHO": "session a"})
+    sandbox.open_session("b")
+    sandbox.run("mkdir -p da && cd da; sleep 100 &", session="a")
+    assert sandbox.run("pwd; echo $WHO; jobs | wc -l", session="a").stdout == (
+        f"{sandbox.workspace}/da\nsession a\n1\n"
+    )
+    assert sandbox.run("pwd; echo ${WHO:-unset}; jobs | wc -l", session="b").stdout == (
+        f"{sandbox.workspace}\nunset\n0\n"
+    )
+    # The workspace is shared; each session's /tmp and processes are its own.
+    sandbox.run("echo from-b > shared.txt", session="b")
+    assert sandbox.run("cat ../shared.txt", session="a").stdout == "from-b\n"
+    with pytest.raises(Exception, match="already exists"):
+        sandbox.open_session("a")
+    sandbox.close_session("a")
+    with pytest.raises(Exception, match="no session 'a'"):
+        sandbox.run("true", session="a")
+
+
+def test_past_the_limit_the_least_recently_used_idle_session_makes_room(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral.sandbox import bwrap
+
+    monkeypatch.setattr(bwrap, "MAX_SESSIONS", 3)
+    sandbox.run("true")  # the default session: never evicted
+    sandbox.open_session("busy")
+    sandbox.run("sleep 100 &", session="busy")
+    sandbox.open_session("idle")
+    sandbox.open_session("new")  # "idle" goes, "busy" has a job running
+    names = sandbox.backend._boxes[sandbox.id].sessions  # type: ignore[attr-defined]
+    assert sorted(names) == ["busy", "default", "new"]
+    sandbox.run("sleep 100 &", session="new")
+    with pytest.raises(Exception, match="each running something in the background"):
+        sandbox.open_session("one-too-many")

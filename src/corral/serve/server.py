@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -61,11 +62,22 @@ def _config(host: Host, address: str, port: int, tokens: Tokens | None) -> uvico
 
 
 def serve_forever(host: Host, address: str, port: int, tokens: Tokens | None) -> None:
+    """Until SIGINT or SIGTERM; then every sandbox is stopped and recorded as such."""
     server = uvicorn.Server(_config(host, address, port, tokens))
+    # uvicorn shuts down gracefully on a signal, then raises it again for the handler it
+    # found installed. Installing one that only notes it lets the host close its
+    # sandboxes (and write that to the ledger) instead of dying on the spot.
+    caught: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda n, _f: caught.append(n))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         server.run()
     finally:
         host.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager

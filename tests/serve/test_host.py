@@ -1,0 +1,112 @@
+"""The host: profiles, limits, ownership, idle time to live, cleanup."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from corral.errors import RuleError
+from corral.host import Host, HostError, ProfileRegistry, SandboxNotFound, UnknownProfileError
+from corral.ledger import Ledger
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    h = Host(ledger=Ledger.memory(), root=tmp_path / "host", reap_every=0)
+    yield h  # type: ignore[misc]
+    h.close()
+
+
+def test_an_idle_sandbox_is_stopped_after_its_time_to_live(host: Host) -> None:
+    idle = host.start("strict", idle_ttl=60)
+    busy = host.start("strict", idle_ttl=60)
+    forever = host.start("strict")
+    with host.using(busy.id):
+        assert host.reap_idle(now=time.monotonic() + 61) == [idle.id]  # busy: in use
+    assert idle.stopped and not idle.workspace.exists()
+    assert host.reap_idle(now=time.monotonic() + 61) == [busy.id]
+    assert forever.alive
+    with pytest.raises(HostError, match="was stopped: idle"), host.using(idle.id):
+        pass
+
+
+def test_a_client_may_lower_the_profiles_limits_but_not_raise_them(host: Host) -> None:
+    base = host.profiles.get("strict").policy.spec.resources
+    low = host.start("strict", memory=256 << 20, cpus=0.5)
+    assert low.sandbox.spec.memory == 256 << 20 and low.sandbox.spec.cpus == 0.5
+    high = host.start("strict", memory=base.memory * 4, cpus=base.cpus * 4)
+    assert high.sandbox.spec.memory == base.memory and high.sandbox.spec.cpus == base.cpus
+
+
+def test_sandboxes_belong_to_their_owner(host: Host) -> None:
+    h = host.start("strict", owner="alice")
+    assert host.get(h.id, "alice") is h
+    with pytest.raises(SandboxNotFound):
+        host.get(h.id, "bob")
+    with pytest.raises(SandboxNotFound):
+        host.stop(h.id, "bob")
+    assert h.alive and [x.id for x in host.sandboxes("alice")] == [h.id]
+    assert host.sandboxes("bob") == []
+
+
+def test_stop_then_delete(host: Host) -> None:
+    h = host.start("strict")
+    with host.using(h.id):
+        assert h.sandbox.run("echo x > f && cat f").stdout == "x\n"
+    host.stop(h.id)
+    assert not h.alive and not h.workspace.exists()
+    assert host.get(h.id) is h  # still answers, as stopped
+    host.delete(h.id)
+    with pytest.raises(SandboxNotFound):
+        host.get(h.id)
+
+
+def test_an_unknown_profile_lists_the_known_ones(host: Host) -> None:
+    with pytest.raises(UnknownProfileError, match=r"no profile 'debian'.*python:3\.11.*strict"):
+        host.start("debian")
+
+
+def test_a_profile_copies_its_workspace_and_sets_its_environment(tmp_path: Path) -> None:
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    (tpl / "README").write_text("task files\n")
+    f = tmp_path / "profiles.yaml"
+    f.write_text(
+        "version: 1\nprofiles:\n  task-a:\n    policy: strict\n    workspace: tpl\n"
+        "    env: {TASK: a}\n"
+    )
+    with Host(
+        profiles=ProfileRegistry.load(f), ledger=Ledger.memory(), root=tmp_path / "h", reap_every=0
+    ) as host:
+        h = host.start("task-a")
+        r = h.sandbox.run("cat README; echo $TASK")
+        assert r.stdout == "task files\na\n"
+    assert (tpl / "README").exists()  # the template itself is untouched
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("version: 1\nprofiles:\n  a:\n    policy: nope\n", ":4: profiles.a.policy"),
+        (
+            "version: 1\nprofiles:\n  a:\n    policy: strict\n    colour: red\n",
+            ":5: profiles.a.colour",
+        ),
+        (
+            "version: 1\nprofiles:\n  a:\n    policy: strict\n    workspace: missing\n",
+            ":5: profiles.a.workspace",
+        ),
+        (
+            "version: 1\nprofiles:\n  a:\n    policy: strict\n    memory: lots\n",
+            ":5: profiles.a.memory",
+        ),
+    ],
+)
+def test_profile_errors_name_the_file_line_and_key(tmp_path: Path, text: str, where: str) -> None:
+    f = tmp_path / "profiles.yaml"
+    f.write_text(text)
+    with pytest.raises(RuleError) as e:
+        ProfileRegistry.load(f)
+    assert f"{f}{where}" in str(e.value)
