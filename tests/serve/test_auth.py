@@ -27,7 +27,7 @@ def test_tokens_file_maps_users_and_rejects_weak_or_shared_tokens(tmp_path: Path
     assert tokens.user(T1) == "alice" and tokens.user(T2) == "bob"
     assert tokens.user("c" * 20) is None and tokens.user(None) is None
     f.write_text("alice: short\n")
-    with pytest.raises(TokenError, match="alice: a token must be .* 16"):
+    with pytest.raises(TokenError, match=r"alice: a token must be .* 16"):
         Tokens.load(f, {})
     f.write_text(f"alice: {T1}\nbob: {T1}\n")
     with pytest.raises(TokenError, match="also alice's"):
