@@ -14,7 +14,7 @@ from corral.model import Verdict
 from corral.policy import preset_names
 from corral.policy.loader import PRESETS_DIR
 
-PRESETS = ["rl-rollout", "strict", "swe"]
+PRESETS = ["rl-agent", "rl-rollout", "strict", "swe"]
 
 
 def test_preset_names() -> None:
@@ -151,3 +151,18 @@ def test_user_policy_extending_preset(tmp_path: Path) -> None:
     assert "terraform" in policy.spec.commands.allow
     assert "git" in policy.spec.commands.allow
     assert policy.spec.network.mode == "proxy"
+
+
+def test_rl_agent_allows_rock_job_control_and_keeps_rl_rollouts_promises() -> None:
+    agent, rollout = Policy.load("rl-agent"), Policy.load("rl-rollout")
+    # What ROCK's SDK runs for arun(mode="nohup"): start, poll, read.
+    for command in (
+        "nohup python3 job.py < /dev/null > /tmp/tmp_1.out 2>&1 & echo PIDSTART${!}PIDEND;disown",
+        "kill -0 1234",
+        "cat /tmp/tmp_1.out",
+    ):
+        assert agent.check(command).verdict is Verdict.ALLOW, command
+    assert agent.check("ssh -R 9999:localhost:22 me@203.0.113.7").verdict is Verdict.DENY
+    assert agent.spec.network.mode == "none"
+    assert agent.spec.audit == rollout.spec.audit
+    assert agent.spec.resources.episode == rollout.spec.resources.episode
