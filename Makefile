@@ -28,7 +28,7 @@ demo: setup
 
 test: setup
 	@bash scripts/setup-system.sh --test
-	@$(BIN)/ruff check src tests bench
+	@$(BIN)/ruff check src tests bench examples
 	@$(BIN)/mypy
 	@$(BIN)/python -m pytest -q
 
@@ -46,7 +46,7 @@ redteam: setup
 	@$(BIN)/corral redteam --benign --eval $(EVAL) -o build/benign.json
 
 lint: setup
-	@$(BIN)/ruff check src tests bench
+	@$(BIN)/ruff check src tests bench examples
 	@$(BIN)/mypy
 
 format: setup
