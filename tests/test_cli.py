@@ -224,3 +224,19 @@ def test_log_shows_execs_readably(home: Path, tmp_path: Path) -> None:
     lines = corral(home, "log").stdout.splitlines()
     execs = [ln for ln in lines if " exec " in ln]
     assert len(execs) == 1 and "exit 3" in execs[0] and "exit 3" in execs[0].split("s ", 1)[1]
+
+
+def test_log_filters_by_label(home: Path) -> None:
+    from corral.ledger import LabelledLedger, Ledger
+
+    with Ledger.open(home / "ledger.db") as ledger:
+        LabelledLedger(ledger, {"user_id": "u1", "owner": "alice"}).append_note("from u1")
+        LabelledLedger(ledger, {"user_id": "u2", "owner": "alice"}).append_note("from u2")
+        ledger.append_note("unlabelled")
+    out = corral(home, "log", "--json", "--label", "user_id=u1").stdout.splitlines()
+    assert [json.loads(line)["body"]["message"] for line in out] == ["from u1"]
+    both = corral(home, "log", "--json", "--label", "owner=alice").stdout.splitlines()
+    assert len(both) == 2
+    bad = corral(home, "log", "--label", "user_id")
+    assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr
+    assert corral(home, "verify").returncode == 0

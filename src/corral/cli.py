@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--run", help="only this run id")
     lg.add_argument("--alerts", action="store_true", help="only alerts")
     lg.add_argument("--kind", action="append", help="only these record kinds")
+    lg.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only records with this label (corral serve's user_id, experiment_id, "
+        "namespace, owner, sandbox, profile); repeat to require several",
+    )
     lg.add_argument("--limit", type=int, help="at most this many records (the newest)")
     lg.add_argument("--json", action="store_true", help="one JSON object per record")
     _add_state(lg)
@@ -403,8 +410,19 @@ def _cmd_log(args: argparse.Namespace) -> int:
     if path is None:
         return EXIT_OK
     kinds = ["alert"] if args.alerts else args.kind
+    wanted: dict[str, str] = {}
+    for item in args.label or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise CorralError(f"--label {item!r}: expected KEY=VALUE, e.g. user_id=u1")
+        wanted[key] = value
     with Ledger.open(path, create=False) as ledger:
-        records = list(ledger.records(run_id=args.run, kinds=kinds))
+        records = [
+            r
+            for r in ledger.records(run_id=args.run, kinds=kinds)
+            if not wanted
+            or all((r.body.get("labels") or {}).get(k) == v for k, v in wanted.items())
+        ]
     if args.limit is not None:
         records = records[-args.limit :]
     for rec in records:
