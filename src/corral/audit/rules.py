@@ -28,15 +28,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from corral.audit.protocol import Thresholds
 from corral.audit.trajectory import Step, action_text
-from corral.errors import PolicyError, RuleError
+from corral.errors import RuleError
 from corral.model import Action, ActionKind, AuditVerdict, Category, Verdict
 from corral.policy import Policy
 from corral.policy.gate import Gate
-from corral.policy.loader import _line_for, _parse_yaml, keypath
+from corral.policy.loader import _line_for, parse_data_file
 from corral.policy.shell import Invocation, ParsedCommand, parse
 from corral.watch.rules import DetectorRule, EventView, load_detectors
 
@@ -244,20 +244,7 @@ def _shipped() -> AuditRules:
 
 
 def _compile(text: str, display: str) -> AuditRules:
-    try:
-        doc = _parse_yaml(text, display)
-    except RuleError:
-        raise
-    except PolicyError as e:
-        raise RuleError(e.detail, file=display, line=e.line, key=e.key) from None
-    try:
-        f = _File.model_validate(doc.data)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = tuple(p for p in err["loc"] if p != "[key]")
-        raise RuleError(
-            str(err["msg"]), file=display, line=_line_for(doc, loc, err["type"]), key=keypath(loc)
-        ) from None
+    doc, f = parse_data_file(text, display, _File)
     from corral.policy.rules import load_ruleset
 
     lists = load_ruleset().lists

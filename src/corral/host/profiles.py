@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from corral.errors import CorralError, PolicyError, RuleError
 from corral.policy import Policy
-from corral.policy.loader import _line_for, _parse_yaml, keypath
+from corral.policy.loader import _line_for, keypath, parse_data_file
 from corral.policy.schema import parse_size
 
 
@@ -92,20 +92,7 @@ def _shipped() -> ProfileRegistry:
 
 
 def _compile(text: str, display: str, base: Path | None) -> ProfileRegistry:
-    try:
-        doc = _parse_yaml(text, display)
-    except RuleError:
-        raise
-    except PolicyError as e:
-        raise RuleError(e.detail, file=display, line=e.line, key=e.key) from None
-    try:
-        f = _File.model_validate(doc.data)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = tuple(p for p in err["loc"] if p != "[key]")
-        raise RuleError(
-            str(err["msg"]), file=display, line=_line_for(doc, loc, err["type"]), key=keypath(loc)
-        ) from None
+    doc, f = parse_data_file(text, display, _File)
     if f.version != 1:
         raise RuleError(f"unsupported version {f.version} (this corral reads 1)", file=display)
     out: dict[str, Profile] = {}

@@ -437,3 +437,28 @@ def keypath(loc: Loc) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+_M = typing.TypeVar("_M", bound=BaseModel)
+
+
+def parse_data_file(text: str, display: str, model: type[_M]) -> tuple[_Doc, _M]:
+    """A YAML data file (rules, profiles) read and checked against ``model``. Errors are
+    ``RuleError`` naming the file, line and key; the document is returned too, so that a
+    later check can point at its lines with ``data_error``."""
+    from corral.errors import RuleError
+
+    try:
+        doc = _parse_yaml(text, display)
+    except RuleError:
+        raise
+    except PolicyError as e:
+        raise RuleError(e.detail, file=display, line=e.line, key=e.key) from None
+    try:
+        return doc, model.model_validate(doc.data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = tuple(p for p in err["loc"] if p != "[key]")
+        raise RuleError(
+            str(err["msg"]), file=display, line=_line_for(doc, loc, err["type"]), key=keypath(loc)
+        ) from None
