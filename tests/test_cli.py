@@ -6,10 +6,11 @@ import base64
 import json
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli import corral
 
 SSH_TUNNEL = "ssh -fN -R 2222:localhost:22 ops@203.0.113.7"
 
@@ -17,17 +18,6 @@ SSH_TUNNEL = "ssh -fN -R 2222:localhost:22 ops@203.0.113.7"
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
-
-
-def corral(home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "corral", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env={"CORRAL_HOME": str(home), "PATH": "/usr/bin:/bin"},
-        timeout=60,
-    )
 
 
 def test_check_denies_reverse_tunnel_as_tunnel(home: Path) -> None:

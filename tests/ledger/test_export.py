@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from corral.ledger import Ledger
 from corral.ledger.export import SCHEMA, trajectories
 from corral.model import Action, Alert, Category, Decision, Severity, Verdict
+from tests.cli import corral
 
 
 def _fill(path: Path) -> None:
@@ -80,22 +79,12 @@ def test_trajectories_group_by_episode_and_are_labelled(tmp_path: Path) -> None:
 
 def test_the_cli_exports_only_flagged_ones(tmp_path: Path) -> None:
     _fill(tmp_path / "home" / "ledger.db")
-    env = {"CORRAL_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
-    r = subprocess.run(
-        [sys.executable, "-m", "corral", "export", "--flagged"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    home = tmp_path / "home"
+    r = corral(home, "export", "--flagged")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [(t["episode"], t["categories"]) for t in rows] == [(1, ["mining"]), (2, ["tunnel"])]
     out = tmp_path / "all.json"
-    r = subprocess.run(
-        [sys.executable, "-m", "corral", "export", "--format", "json", "-o", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    r = corral(home, "export", "--format", "json", "-o", str(out))
     assert r.returncode == 0 and len(json.loads(out.read_text())) == 3
     assert "3 trajectories (2 flagged)" in r.stderr

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from corral.ledger import Ledger
 from corral.ledger import report as rpt
 from corral.model import Action, Alert, Category, Decision, Event, EventKind, Severity, Verdict
+from tests.cli import corral
 
 
 def _ledger(path: Path) -> None:
@@ -117,27 +116,15 @@ def test_the_html_is_self_contained_and_escapes_agent_text(tmp_path: Path) -> No
 
 def test_the_cli_writes_the_newest_run_by_default(tmp_path: Path) -> None:
     _ledger(tmp_path / "home" / "ledger.db")
-    env = {"CORRAL_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
-    r = subprocess.run(
-        [sys.executable, "-m", "corral", "report"], env=env, capture_output=True, text=True
-    )
+    home = tmp_path / "home"
+    r = corral(home, "report")
     assert r.returncode == 0, r.stderr
     assert "incidents of run r2 (0)" in r.stdout
     assert (tmp_path / "home" / "reports" / "r2.html").exists()
     out = tmp_path / "r1.html"
-    r = subprocess.run(
-        [sys.executable, "-m", "corral", "report", "--run", "r1", "-o", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    r = corral(home, "report", "--run", "r1", "-o", str(out))
     assert r.returncode == 0 and out.read_text().startswith("<!doctype html>")
     assert "incidents of run r1 (5)" in r.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "corral", "report", "--run", "nope"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    bad = corral(home, "report", "--run", "nope")
     assert bad.returncode == 2 and "no records of run 'nope'" in bad.stderr
     json.dumps(r.stdout)

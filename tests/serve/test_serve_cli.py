@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-CORRAL = [sys.executable, "-m", "corral"]
+from tests.cli import CORRAL, corral
 
 
 def free_port() -> int:
@@ -22,17 +20,9 @@ def free_port() -> int:
 
 
 def test_serve_refuses_to_start_without_tokens_or_off_loopback(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "CORRAL_SERVE_TOKEN"}
-    r = subprocess.run(
-        [*CORRAL, "serve", "--home", str(tmp_path)], capture_output=True, text=True, env=env
-    )
+    r = corral(tmp_path, "serve")
     assert r.returncode == 2 and "needs API tokens" in r.stderr
-    r = subprocess.run(
-        [*CORRAL, "serve", "--local-only", "--host", "0.0.0.0", "--home", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    r = corral(tmp_path, "serve", "--local-only", "--host", "0.0.0.0")
     assert r.returncode == 2 and "loopback only" in r.stderr
 
 
@@ -67,5 +57,5 @@ def test_local_only_serve_runs_sandboxes_and_stops_them_on_sigterm(tmp_path: Pat
     assert proc.returncode == 0, err
     assert "no token (loopback only)" in err
     assert not workdir.exists()  # the host stopped its sandbox on the way out
-    r = subprocess.run([*CORRAL, "verify", "--home", str(tmp_path)], capture_output=True, text=True)
+    r = corral(tmp_path, "verify")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -1,5 +1,6 @@
 """The egress tests' real servers (sshd) serve the watcher's tests too."""
 
 from tests.egress.conftest import sshd_server
+from tests.watching import ledger, watcher
 
-__all__ = ["sshd_server"]
+__all__ = ["ledger", "sshd_server", "watcher"]

@@ -11,14 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from corral.ledger import Ledger
-from corral.policy import Policy
 from corral.sandbox import Sandbox
 from corral.sandbox.backend import SandboxError
 from corral.watch.gpu import FakeGpuBackend, GpuProcess
@@ -26,34 +24,10 @@ from corral.watch.watcher import Watcher
 
 from ..egress.servers import SSHServer
 from ..procs import running
+from ..watching import policy
 
 POOL_HOST = "127.0.0.2"
 STRATUM_PORTS = (3333, 4444, 5555, 7777, 14444)  # all on the detectors' miner port list
-
-
-def policy(*allow: str, **extra: Any) -> Policy:
-    return Policy.from_dict(
-        {
-            "version": 1,
-            "extends": "strict",
-            "commands": {"default": "allow", "threats": False},
-            "network": {"mode": "proxy", "allow": list(allow)},
-            **extra,
-        }
-    )
-
-
-@pytest.fixture
-def ledger() -> Iterator[Ledger]:
-    with Ledger.memory() as led:
-        yield led
-
-
-@pytest.fixture(scope="module")
-def watcher() -> Iterator[Watcher]:
-    w = Watcher(gpu=FakeGpuBackend())
-    yield w
-    w.close()
 
 
 def alerts(ledger: Ledger) -> list[dict[str, Any]]:
