@@ -12,9 +12,9 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from corral import __version__
 from corral.errors import CorralError, PolicyError
@@ -573,6 +573,19 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_FLAGGED if flagged else EXIT_OK
 
 
+_T = TypeVar("_T")
+
+
+def _corpus(path: Path, what: str, hint: str, load: Callable[[Path], _T]) -> _T:
+    """An evaluation corpus, or a usage error saying where it was looked for."""
+    if not path.exists():
+        raise CorralError(f"no {what} at {path} (pass {hint})")
+    try:
+        return load(path)
+    except ValueError as e:
+        raise CorralError(str(e)) from None
+
+
 def _cmd_redteam(args: argparse.Namespace) -> int:
     import time
 
@@ -581,16 +594,7 @@ def _cmd_redteam(args: argparse.Namespace) -> int:
     if args.benign:
         return _redteam_benign(args)
     path = Path(args.attacks) if args.attacks else Path(args.eval) / "attacks_dev.jsonl"
-    if not path.exists():
-        print(
-            f"corral: no attack file at {path} (pass --eval DIR or --attacks FILE)", file=sys.stderr
-        )
-        return EXIT_USAGE
-    try:
-        attacks = load_attacks(path)
-    except ValueError as e:
-        print(f"corral: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    attacks = _corpus(path, "attack file", "--eval DIR or --attacks FILE", load_attacks)
     if args.category:
         attacks = [a for a in attacks if a.category in set(args.category)]
     if args.limit is not None:
@@ -637,14 +641,7 @@ def _redteam_benign(args: argparse.Namespace) -> int:
     from corral.redteam.utility import load_benign, run_utility, summarize
 
     path = Path(args.eval) / "benign_dev.jsonl"
-    if not path.exists():
-        print(f"corral: no benign corpus at {path} (pass --eval DIR)", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        rows = load_benign(path)
-    except ValueError as e:
-        print(f"corral: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    rows = _corpus(path, "benign corpus", "--eval DIR", load_benign)
     if args.limit is not None:
         rows = rows[: args.limit]
     start = time.monotonic()
