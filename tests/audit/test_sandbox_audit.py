@@ -34,10 +34,11 @@ def test_the_rule_auditor_stops_what_the_gate_allows_but_the_task_does_not_need(
         Sandbox(_policy("rules"), tmp_path, task=TASK, ledger=ledger, watch=False) as sb,
     ):
         ok = sb.run("python3 -c 'print(6*7)'")
-        assert ok.exit_code == 0 and ok.stdout == "42\n"
+        assert ok.exit_code == 0 and ok.stdout == "42\n" and ok.refused is None
         assert ok.audit is not None and ok.audit.verdict is Verdict.ALLOW
         gpu = sb.run('CUDA_VISIBLE_DEVICES=0 python3 -c \'open("ran", "w")\'')
         assert gpu.exit_code == 126 and not (tmp_path / "ran").exists()
+        assert gpu.refused == "audit"
         assert (
             gpu.decision is not None and gpu.decision.verdict is Verdict.ALLOW
         )  # the gate let it by
@@ -53,6 +54,7 @@ def test_a_gate_question_the_auditor_clears_runs(tmp_path: Path) -> None:
     with Sandbox(_policy("none"), tmp_path, task=TASK, ledger=Ledger.memory(), watch=False) as sb:
         r = sb.run("factor 12")
         assert r.exit_code == 126 and r.decision is not None and r.decision.verdict is Verdict.ASK
+        assert r.refused == "gate"  # nobody to answer the question
     with Sandbox(_policy("rules"), tmp_path, task=TASK, ledger=Ledger.memory(), watch=False) as sb:
         r = sb.run("factor 12")
         assert r.exit_code == 0 and r.stdout == "12: 2 2 3\n"

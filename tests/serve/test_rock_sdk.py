@@ -74,6 +74,9 @@ def test_the_sdk_starts_runs_moves_files_and_stops(served: Served, tmp_path: Pat
         w = await sb.write_file(WriteFileRequest(content="x = 1\n", path="pkg/a.py"))
         assert w.success
         assert (await sb.read_file(ReadFileRequest(path="pkg/a.py"))).content == "x = 1\n"
+        # Files are served from the workspace only, whatever the path says.
+        out = await sb.write_file(WriteFileRequest(content="* * * * * x\n", path="/etc/cron.d/x"))
+        assert not out.success and "outside the workspace" in out.message
         src = tmp_path / "data.bin"
         src.write_bytes(b"\x00\x01payload")
         up = await sb.upload(UploadRequest(source_path=str(src), target_path="in/data.bin"))

@@ -25,7 +25,7 @@ from typing import Any
 from corral.errors import CorralError
 from corral.host.profiles import Profile, ProfileRegistry
 from corral.ledger import LabelledLedger, Ledger
-from corral.model import Alert, new_id
+from corral.model import new_id
 from corral.paths import corral_home, default_ledger_path
 from corral.policy import Policy
 from corral.sandbox import Sandbox
@@ -67,9 +67,6 @@ class Hosted:
     @property
     def episode_ended(self) -> str | None:
         return self.sandbox.episode_ended
-
-    def alerts(self) -> list[Alert]:
-        return list(self.sandbox.alerts)
 
 
 class Host:

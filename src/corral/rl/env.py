@@ -31,7 +31,7 @@ from gymnasium.error import ResetNeeded
 
 from corral.audit.protocol import Auditor
 from corral.ledger import Ledger
-from corral.model import Alert, Category, Severity, Verdict, new_id
+from corral.model import Alert, Category, Severity, new_id
 from corral.paths import default_ledger_path
 from corral.policy import Policy
 from corral.sandbox import Result, Sandbox, SandboxError
@@ -389,8 +389,9 @@ def _refused_threat(result: Result) -> dict[str, Any] | None:
     """The gate's or the auditor's refusal of a threat, as an alert dict; None when the
     command ran or was refused for the policy's own reasons."""
     d, audit = result.decision, result.audit
-    flagged = audit is not None and audit.flagged
-    if audit is not None and flagged and _is_threat(audit.category):
+    if result.refused is None:
+        return None
+    if result.refused == "audit" and audit is not None and _is_threat(audit.category):
         return {
             "detector": f"audit:{audit.auditor}",
             "category": str(audit.category),
@@ -400,10 +401,6 @@ def _refused_threat(result: Result) -> dict[str, Any] | None:
             "layer": "audit",
         }
     if d is None or not _is_threat(d.category):
-        return None
-    # A gate `ask` runs when the auditor clears it; unanswered or flagged, it was refused.
-    refused = d.verdict is Verdict.DENY or (d.verdict is Verdict.ASK and (audit is None or flagged))
-    if not refused:
         return None
     return {
         "detector": d.rule,

@@ -69,6 +69,9 @@ class Result:
     # penalise or drop the trajectory; the sandbox takes no more commands.
     episode_ended: bool = False
     audit: AuditVerdict | None = None  # the auditor's verdict, when the policy has one
+    # "gate" or "audit" when the command did not run because that layer refused it (the
+    # reason is on stderr); None when it ran.
+    refused: str | None = None
 
 
 class Sandbox:
@@ -268,6 +271,7 @@ class Sandbox:
             decision,
             action_id=action.id,
             audit=audit,
+            refused="audit" if audit is not None else "gate",
         )
 
     def _action_at(self, t: float) -> Action | None:

@@ -22,9 +22,8 @@ from fastapi.responses import JSONResponse
 from corral import __version__
 from corral.errors import CorralError
 from corral.host import Host, Hosted
+from corral.model import Alert
 from corral.policy.schema import parse_size
-from corral.sandbox.files import UnsafePathError
-from corral.sandbox.sandbox import EXIT_DENIED
 from corral.serve import protocol as p
 from corral.serve.auth import LOCAL_USER, Tokens, labels_from, token_from
 
@@ -73,8 +72,6 @@ def create_app(host: Host, tokens: Tokens | None) -> FastAPI:
     def answering(what: str) -> Iterator[None]:
         try:
             yield
-        except _Refused:
-            raise
         except (CorralError, OSError, UnicodeError, ValueError) as e:
             raise _Refused(what, str(e)) from None
 
@@ -186,7 +183,7 @@ def create_app(host: Host, tokens: Tokens | None) -> FastAPI:
             h.sandbox.open_session(body.session, body.env)
             output = ""
             for path in body.startup_source:
-                r = h.sandbox.run(f"source {_quote(path)}", session=body.session)
+                r = h.sandbox.run(f"source {shlex.quote(path)}", session=body.session)
                 output += r.stdout + r.stderr
         return p.envelope({"session_type": "bash", "output": output})
 
@@ -202,12 +199,10 @@ def create_app(host: Host, tokens: Tokens | None) -> FastAPI:
         what = "run in session failed"
         with answering(what), host.using(body.sandbox_id, user) as h:
             r = h.sandbox.run(body.command, timeout=body.timeout, session=body.session)
-            refused = (
-                r.stderr.strip()
-                if r.exit_code == EXIT_DENIED and r.stderr.startswith("corral: ")
-                else None
+            refused = r.stderr.strip() if r.refused else None
+            reason = p.failure_reason(
+                list(h.sandbox.alerts), refused, h.episode_ended, h.sandbox.stopped
             )
-            reason = p.failure_reason(h.alerts(), refused, h.episode_ended, h.sandbox.stopped)
             limit = body.timeout if body.timeout is not None else h.sandbox.spec.wall_time
             return p.observation(body, r.exit_code, r.stdout + r.stderr, reason, r.timed_out, limit)
 
@@ -217,7 +212,9 @@ def create_app(host: Host, tokens: Tokens | None) -> FastAPI:
         with answering(what), host.using(body.sandbox_id, user) as h:
             command = _command_line(body)
             r = h.sandbox.run(command, timeout=body.timeout)
-            reason = p.failure_reason(h.alerts(), None, h.episode_ended, h.sandbox.stopped)
+            reason = p.failure_reason(
+                list(h.sandbox.alerts), None, h.episode_ended, h.sandbox.stopped
+            )
         return p.envelope(
             {
                 "stdout": r.stdout,
@@ -231,7 +228,7 @@ def create_app(host: Host, tokens: Tokens | None) -> FastAPI:
     def read_file(body: p.ReadFileRequest, user: User) -> dict[str, Any]:
         what = "read file failed"
         with answering(what), host.using(body.sandbox_id, user) as h:
-            data = h.sandbox.backend.read_file(h.sandbox.id, _in_workspace(h, body.path))
+            data = h.sandbox.backend.read_file(h.sandbox.id, body.path)
             content = data.decode(body.encoding or "utf-8", body.errors or "strict")
             _note(h, "file read", body.path, len(data))
         return p.envelope({"content": content})
@@ -241,7 +238,7 @@ def create_app(host: Host, tokens: Tokens | None) -> FastAPI:
         what = "write file failed"
         with answering(what), host.using(body.sandbox_id, user) as h:
             data = body.content.encode()
-            h.sandbox.write_file(_in_workspace(h, body.path), data)
+            h.sandbox.write_file(body.path, data)
             _note(h, "file written", body.path, len(data))
         return p.envelope({"success": True, "message": f"wrote {body.path}"})
 
@@ -257,7 +254,7 @@ def create_app(host: Host, tokens: Tokens | None) -> FastAPI:
             data = file.file.read(UPLOAD_LIMIT + 1)
             if len(data) > UPLOAD_LIMIT:
                 raise _Refused(what, f"the file is larger than {UPLOAD_LIMIT} bytes")
-            h.sandbox.write_file(_in_workspace(h, target_path), data)
+            h.sandbox.write_file(target_path, data)
             _note(h, "file uploaded", target_path, len(data))
         return p.envelope(
             {"success": True, "message": f"uploaded to {target_path}", "file_name": file.filename}
@@ -296,34 +293,19 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
 
 
-def _quote(s: str) -> str:
-    return shlex.quote(s)
-
-
 def _command_line(body: p.CommandRequest) -> str:
     """``execute``: a list is an argv, a string goes through a shell; either way in a
     subshell, so its ``cwd`` and ``env`` do not stay in the sandbox's shell."""
     cmd = body.command
-    line = " ".join(_quote(a) for a in cmd) if isinstance(cmd, list) else cmd
+    line = " ".join(shlex.quote(a) for a in cmd) if isinstance(cmd, list) else cmd
     prefix = ""
     if body.cwd:
-        prefix += f"cd {_quote(body.cwd)} && "
+        prefix += f"cd {shlex.quote(body.cwd)} && "
     for k, v in (body.env or {}).items():
         if not k.isidentifier():
             raise _Refused("execute command failed", f"bad environment variable name {k!r}")
-        prefix += f"export {k}={_quote(v)} && "
+        prefix += f"export {k}={shlex.quote(v)} && "
     return f"( {prefix}{line}\n)" if prefix else line
-
-
-def _in_workspace(h: Hosted, path: str) -> str:
-    """A client path as the workspace sees it: relative paths are in the workspace;
-    an absolute one must be inside it (nothing else of the host is served)."""
-    if path.startswith("/") and not (path + "/").startswith(str(h.workspace) + "/"):
-        raise UnsafePathError(
-            f"{path} is outside the sandbox's workspace {h.workspace}; corral serves files "
-            "in the workspace only (use a relative path)"
-        )
-    return path
 
 
 def _note(h: Hosted, event: str, path: str, size: int) -> None:
@@ -333,7 +315,7 @@ def _note(h: Hosted, event: str, path: str, size: int) -> None:
     )
 
 
-def _alert_dict(a: Any) -> dict[str, Any]:
+def _alert_dict(a: Alert) -> dict[str, Any]:
     return {
         "id": a.id,
         "detector": a.detector,
