@@ -26,6 +26,9 @@ if [ "${1:-}" = "--test" ]; then
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)
   command -v dig >/dev/null || need+=(dnsutils)
   command -v nc >/dev/null || need+=(netcat-openbsd)
+  # The live view is tested in a real headless browser.
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
 fi
 
 if [ ${#need[@]} -eq 0 ]; then
