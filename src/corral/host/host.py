@@ -16,13 +16,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from corral.errors import CorralError
+from corral.host.events import STARTED, STOPPED, EventFeed, HostEvent, Listener
 from corral.host.profiles import Profile, ProfileRegistry
 from corral.ledger import LabelledLedger, Ledger
 from corral.model import new_id
@@ -100,6 +101,7 @@ class Host:
         self._lock = threading.Lock()
         self._policies: dict[tuple[str, int | None, float | None], Policy] = {}
         self._closed = threading.Event()
+        self.events = EventFeed()
         self._reaper: threading.Thread | None = None
         if reap_every > 0:
             self._reaper = threading.Thread(
@@ -143,7 +145,9 @@ class Host:
             if prof.workspace is not None:
                 shutil.copytree(prof.workspace, workspace, symlinks=True, dirs_exist_ok=True)
             all_labels = {**(labels or {}), "owner": owner, "sandbox": sid, "profile": prof.name}
-            view = LabelledLedger(self.ledger, all_labels)
+            view = LabelledLedger(
+                self.ledger, all_labels, self._publisher(sid, owner, all_labels, run_id)
+            )
             sb = Sandbox(
                 policy,
                 workspace,
@@ -165,7 +169,46 @@ class Host:
         with self._lock:
             self._claimed.discard(sid)
             self._sandboxes[sid] = hosted
+        self._lifecycle(hosted, STARTED, {"profile": prof.name, "sandbox_id": sb.id})
         return hosted
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` with every record this host's sandboxes write and every
+        start and stop, from now on (``corral.host.events``); returns the unsubscribe."""
+        return self.events.subscribe(listener)
+
+    def _publisher(
+        self, sid: str, owner: str, labels: Mapping[str, str], run_id: str | None
+    ) -> Callable[[int, str, Mapping[str, Any], Mapping[str, Any]], None]:
+        def publish(seq: int, kind: str, body: Mapping[str, Any], where: Mapping[str, Any]) -> None:
+            self.events.publish(
+                HostEvent(
+                    kind,
+                    sid,
+                    owner,
+                    body,
+                    seq=seq,
+                    ts=where.get("ts") or time.time(),
+                    run_id=where.get("run_id") or run_id,
+                    action_id=where.get("action_id"),
+                    labels=labels,
+                )
+            )
+
+        return publish
+
+    def _lifecycle(self, hosted: Hosted, kind: str, body: Mapping[str, Any]) -> None:
+        self.events.publish(
+            HostEvent(
+                kind,
+                hosted.id,
+                hosted.owner,
+                body,
+                ts=time.time(),
+                run_id=hosted.sandbox.run_id,
+                labels=hosted.labels,
+            )
+        )
 
     def _policy(self, prof: Profile, memory: int | None, cpus: float | None) -> Policy:
         res = prof.policy.spec.resources
@@ -228,6 +271,7 @@ class Host:
         finally:
             hosted.sandbox.close()
             shutil.rmtree(hosted.workspace, ignore_errors=True)
+            self._lifecycle(hosted, STOPPED, {"reason": reason})
 
     def delete(self, sandbox_id: str, owner: str | None = None) -> None:
         """Forget a sandbox (stopping it first if it runs)."""

@@ -8,7 +8,7 @@ the body, and so under the hash chain.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,18 +18,28 @@ from corral.ledger.store import Ledger
 class LabelledLedger(Ledger):
     """Writes go to ``base`` with ``labels`` added; everything else is ``base``'s."""
 
-    def __init__(self, base: Ledger, labels: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        base: Ledger,
+        labels: Mapping[str, str],
+        on_append: Callable[[int, str, Mapping[str, Any], Mapping[str, Any]], None] | None = None,
+    ) -> None:
+        """``on_append(seq, kind, body, where)`` is called after each write (the host's
+        live feed); ``body`` is as given, without the labels."""
         # No Ledger.__init__: this shares base's connection, lock and chain head.
         self._base = base
         self.labels = {k: v for k, v in labels.items() if v}
+        self._on_append = on_append
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._base, name)
 
     def append(self, kind: str, body: Mapping[str, Any], **where: Any) -> int:
-        if self.labels:
-            body = {**body, "labels": self.labels}
-        return self._base.append(kind, body, **where)
+        written = {**body, "labels": self.labels} if self.labels else body
+        seq = self._base.append(kind, written, **where)
+        if self._on_append is not None:
+            self._on_append(seq, kind, body, where)
+        return seq
 
     @contextmanager
     def batch(self) -> Iterator[None]:
