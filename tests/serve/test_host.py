@@ -134,7 +134,7 @@ def test_listeners_see_every_record_and_the_start_and_stop(host: Host) -> None:
             rec = host.ledger.get(e.seq)
             assert rec is not None and rec.kind == e.kind
             assert {k: v for k, v in rec.body.items() if k != "labels"} == dict(e.body)
-    denied = [e for e in seen if e.kind == "decision" and e.body["decision"]["verdict"] == "deny"]
+    denied = [e for e in seen if e.kind == "decision" and e.body["decision"]["decision"] == "deny"]
     assert denied and denied[0].action_id == denied[0].body["action"]["id"]
     unsubscribe()
     host.start("strict")
