@@ -120,3 +120,21 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_v2_sandboxes_stay_beside_the_host_leaf_not_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once corral has moved itself into its corral-host leaf, its own cgroup is that
+    # leaf; sandboxes must still be made in the parent, not one level deeper each time.
+    from corral.sandbox import cgroups
+
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    base = tmp_path / "user.slice"
+    base.mkdir()
+    (base / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    monkeypatch.setattr(cgroups, "_own_path", lambda controller: "/user.slice/corral-host")
+    made = [Cgroup.create(n, Limits(1 << 30, 10, 1.0), root=tmp_path) for n in ("a", "b")]
+    assert [cg.dirs if cg else None for cg in made] == [[base / "corral-a"], [base / "corral-b"]]
+    planned = Cgroup.planned("c", root=tmp_path)
+    assert planned is not None and planned.dirs == [base / "corral-c"]

@@ -55,6 +55,24 @@ def detect(root: Path = CGROUP_ROOT) -> str | None:
     return None
 
 
+def _v2_base(root: Path) -> Path:
+    """Where sandbox cgroups go: our own cgroup, or its parent once we moved ourselves
+    into the ``corral-host`` leaf (else each sandbox would nest one level deeper)."""
+    base = root / _own_path(None).lstrip("/")
+    return base.parent if base.name == "corral-host" else base
+
+
+def _v1_dirs(name: str, root: Path) -> list[Path]:
+    dirs: list[Path] = []
+    for controller in _V1_CONTROLLERS:
+        # cpu and cpuacct are often mounted together (cpu -> cpu,cpuacct).
+        mount = (root / controller).resolve()
+        d = mount / _own_path(controller).lstrip("/") / f"corral-{name}"
+        if d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
 def _own_path(controller: str | None, proc_self: Path = Path("/proc/self/cgroup")) -> str:
     """This process's cgroup path in one hierarchy (``""`` for v2's unified one)."""
     for line in proc_self.read_text().splitlines():
@@ -91,7 +109,7 @@ class Cgroup:
 
     @classmethod
     def _create_v2(cls, name: str, limits: Limits, root: Path) -> Cgroup:
-        base = root / _own_path(None).lstrip("/")
+        base = _v2_base(root)
         enabled = set((base / "cgroup.subtree_control").read_text().split())
         wanted = {"memory", "pids", "cpu"}
         if not wanted <= enabled:
@@ -116,12 +134,7 @@ class Cgroup:
     def _create_v1(cls, name: str, limits: Limits, root: Path) -> Cgroup:
         dirs: list[Path] = []
         try:
-            for controller in _V1_CONTROLLERS:
-                # cpu and cpuacct are often mounted together (cpu -> cpu,cpuacct).
-                mount = (root / controller).resolve()
-                d = mount / _own_path(controller).lstrip("/") / f"corral-{name}"
-                if d in dirs:
-                    continue
+            for d in _v1_dirs(name, root):
                 d.mkdir()
                 dirs.append(d)
             mem, pids, cpu = dirs[:3]
@@ -137,6 +150,20 @@ class Cgroup:
                     d.rmdir()
             raise
         return cls("v1", dirs, limits, [d / "cgroup.procs" for d in dirs])
+
+    @classmethod
+    def planned(cls, name: str, root: Path = CGROUP_ROOT) -> Cgroup | None:
+        """The cgroup ``create(name)`` makes, as seen from this process, whether or not
+        it exists (yet, or still): what a host notes so that, if it is killed, the next
+        one can remove what it left."""
+        version = detect(root)
+        if version == "v2":
+            d = _v2_base(root) / f"corral-{name}"
+            return cls("v2", [d], Limits(0, 0, 0), [d / "cgroup.procs"])
+        if version == "v1":
+            dirs = _v1_dirs(name, root)
+            return cls("v1", dirs, Limits(0, 0, 0), [d / "cgroup.procs" for d in dirs])
+        return None
 
     def add(self, pid: int) -> None:
         """Move a process in (its threads and later children follow)."""
