@@ -150,3 +150,63 @@ def test_a_failing_listener_is_dropped_and_the_sandbox_goes_on(host: Host) -> No
     with host.using(h.id):
         assert h.sandbox.run("echo fine").stdout == "fine\n"
     assert [type(exc) for _, exc in host.events.dropped] == [RuntimeError]
+
+
+_KILLED_HOST = """
+import sys, time
+from corral.host import Host
+from corral.ledger import Ledger
+host = Host(ledger=Ledger.open(sys.argv[2]), root=sys.argv[1], reap_every=0)
+h = host.start("strict")
+h.sandbox.run("sleep 1000.3125 > /dev/null 2>&1 &")
+print(h.sandbox.id, h.workspace, flush=True)
+time.sleep(1000)
+"""
+
+
+def test_a_host_killed_with_sigkill_leaves_nothing_once_the_next_one_starts(
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.procs import running
+
+    root = tmp_path / "host"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_HOST, str(root), str(tmp_path / "l.db")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    sandbox_id, workspace = proc.stdout.readline().split()
+    cgroups = [
+        os.path.join(r, d)
+        for r, ds, _ in os.walk("/sys/fs/cgroup")
+        for d in ds
+        if d == f"corral-{sandbox_id}"
+    ]
+    assert cgroups and Path(workspace).is_dir() and running("sleep 1000.3125")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    # Its processes die with it; its cgroups and workspace stay until a host looks.
+    deadline = time.monotonic() + 5
+    while running("sleep 1000.3125") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running("sleep 1000.3125")
+    assert all(Path(c).exists() for c in cgroups) and Path(workspace).exists()
+    with Ledger.open(tmp_path / "l.db") as ledger:
+        nxt = Host(ledger=ledger, root=root, reap_every=0)
+        try:
+            assert nxt.reaped == [sandbox_id]
+            assert not any(Path(c).exists() for c in cgroups) and not Path(workspace).exists()
+            with Host(ledger=ledger, root=root, reap_every=0) as again:
+                assert again.reaped == []  # once only
+        finally:
+            nxt.close()
+        assert ledger.verify().ok
+        notes = [r.body for r in ledger.records(kinds="note")]
+        assert any(n.get("sandbox_ids") == [sandbox_id] for n in notes)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import CorralError
+from corral.host import orphans
 from corral.host.events import STARTED, STOPPED, EventFeed, HostEvent, Listener
 from corral.host.profiles import Profile, ProfileRegistry
 from corral.ledger import LabelledLedger, Ledger
@@ -60,6 +61,7 @@ class Hosted:
     stopped: str | None = None
     stopped_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    marker: Path | None = None  # orphans.mark's note, removed on a clean stop
 
     @property
     def alive(self) -> bool:
@@ -93,6 +95,12 @@ class Host:
         )
         self.root = Path(root) if root is not None else corral_home() / "host"
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A host killed earlier in this root left cgroups and workspaces: remove them.
+        self.reaped = orphans.reap(self.root)
+        if self.reaped:
+            self.ledger.append_note(
+                {"event": "left by a killed host, removed", "sandbox_ids": self.reaped}
+            )
         self.backend = backend
         self.watch = watch
         self.gate = gate
@@ -166,6 +174,7 @@ class Host:
                 shutil.rmtree(workspace, ignore_errors=True)
             raise
         hosted = Hosted(sid, prof, owner, all_labels, sb, workspace, idle_ttl)
+        hosted.marker = orphans.mark(self.root, sb.id, workspace)
         with self._lock:
             self._claimed.discard(sid)
             self._sandboxes[sid] = hosted
@@ -271,6 +280,8 @@ class Host:
         finally:
             hosted.sandbox.close()
             shutil.rmtree(hosted.workspace, ignore_errors=True)
+            if hosted.marker is not None:
+                orphans.unmark(hosted.marker)
             self._lifecycle(hosted, STOPPED, {"reason": reason})
 
     def delete(self, sandbox_id: str, owner: str | None = None) -> None:

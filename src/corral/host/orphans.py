@@ -1,0 +1,81 @@
+"""What a killed host leaves behind, found and removed by the next host on the machine.
+
+A host killed with SIGKILL (the OOM killer, ``kill -9``, a Ray node's actor killed) runs
+no cleanup. Its sandboxes' processes die with it (bubblewrap's ``--die-with-parent``),
+but their cgroup directories and workspaces stay. So each running sandbox has a marker in
+the host's root, ``.live/<id>.json``: the host's pid and start time, the sandbox's cgroup
+directories and its workspace. A clean stop removes the marker; a host starting in the
+same root removes whatever markers name a host that is no longer running, killing
+anything still in those cgroups first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from corral.sandbox.cgroups import Cgroup, Limits
+
+_DIR = ".live"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of its stat): with
+    the pid it names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def mark(root: Path, sandbox_id: str, workspace: Path) -> Path:
+    """Note a running sandbox; returns the marker (``unmark`` it on a clean stop)."""
+    cg = Cgroup.planned(sandbox_id)
+    marker = root / _DIR / f"{sandbox_id}.json"
+    marker.parent.mkdir(mode=0o700, exist_ok=True)
+    body = {
+        "pid": os.getpid(),
+        "start": _start_time(os.getpid()),
+        "version": cg.version if cg else None,
+        "cgroups": [str(d) for d in cg.dirs] if cg else [],
+        "workspace": str(workspace),
+    }
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, marker)
+    return marker
+
+
+def unmark(marker: Path) -> None:
+    marker.unlink(missing_ok=True)
+
+
+def reap(root: Path) -> list[str]:
+    """Remove what dead hosts left in ``root``; the ids of the sandboxes reaped."""
+    reaped = []
+    for marker in sorted((root / _DIR).glob("*.json")):
+        try:
+            body = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue  # being written, or not ours to judge
+        pid, start = body.get("pid"), body.get("start")
+        if isinstance(pid, int) and start is not None and _start_time(pid) == start:
+            continue  # its host still runs
+        dirs = [Path(d) for d in body.get("cgroups") or []]
+        version = body.get("version")
+        existing = [d for d in dirs if d.is_dir()]
+        if existing and version in ("v1", "v2"):
+            leftover = Cgroup(
+                version, existing, Limits(0, 0, 0), [d / "cgroup.procs" for d in existing]
+            )
+            leftover.remove()
+        workspace = body.get("workspace")
+        if isinstance(workspace, str) and Path(workspace).parent == root:
+            shutil.rmtree(workspace, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            marker.unlink()
+        reaped.append(marker.stem)
+    return reaped
