@@ -337,6 +337,7 @@ class BwrapBackend:
         return {
             "cpu_s": u.cpu_seconds,
             "peak_memory": u.peak_memory,
+            "memory": box.cgroup.memory_now(),
             "oom_kills": u.oom_kills,
             "pids_limited": u.pids_limited,
         }

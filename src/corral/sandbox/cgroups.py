@@ -238,6 +238,12 @@ class Cgroup:
             _kv(pids).get("max", 0),
         )
 
+    def memory_now(self) -> int | None:
+        """Memory charged to the cgroup now (``usage()`` has only the peak), for a live
+        view's samples."""
+        name = "memory.current" if self.version == "v2" else "memory.usage_in_bytes"
+        return _int(self._read(str(self.dirs[0] / name)))
+
     def freeze(self) -> bool:
         """Freeze every process (v2's ``cgroup.freeze``); False where unavailable."""
         if self.version != "v2":
