@@ -71,6 +71,17 @@ class Hosted:
     def episode_ended(self) -> str | None:
         return self.sandbox.episode_ended
 
+    @property
+    def state(self) -> str:
+        """``running``, ``frozen`` (its processes held where they were, by a person or
+        a detector's response) or ``stopped``."""
+        if self.stopped is not None:
+            return "stopped"
+        why = self.sandbox.stopped
+        if why is None:
+            return "running"
+        return "frozen" if why.startswith("frozen") else "stopped"
+
 
 class Host:
     """Sandboxes by id, made from profiles, written to one ledger, stopped when idle."""
@@ -259,30 +270,75 @@ class Host:
             finally:
                 hosted.last_used = time.monotonic()
 
-    def stop(self, sandbox_id: str, owner: str | None = None, reason: str = "stopped") -> Hosted:
+    def stop(
+        self,
+        sandbox_id: str,
+        owner: str | None = None,
+        reason: str = "stopped",
+        *,
+        by: str | None = None,
+    ) -> Hosted:
         """Stop the sandbox: every process ends, its workspace is removed, its record
-        stays (``get`` still answers, as stopped) until ``delete``."""
+        stays (``get`` still answers, as stopped) until ``delete``. ``by``: who asked,
+        for the ledger (a person at the live view, say)."""
         hosted = self.get(sandbox_id, owner)
-        with hosted.lock:
-            self._stop(hosted, reason)
+        if not hosted.lock.acquire(blocking=False):
+            # A request is running in it: its processes end now and the request returns,
+            # rather than the stop waiting for the very command it is meant to end.
+            hosted.sandbox.backend.stop(hosted.sandbox.id, reason)
+            hosted.lock.acquire()
+        try:
+            self._stop(hosted, reason, by)
+        finally:
+            hosted.lock.release()
         return hosted
 
-    def _stop(self, hosted: Hosted, reason: str) -> None:
+    def _stop(self, hosted: Hosted, reason: str, by: str | None = None) -> None:
         if hosted.stopped is not None:
             return
         hosted.stopped = reason
         hosted.stopped_at = time.time()
+        note: dict[str, Any] = {
+            "event": "sandbox stopped",
+            "sandbox_id": hosted.sandbox.id,
+            "reason": reason,
+        }
+        if by is not None:
+            note["by"] = by
         try:
-            hosted.sandbox.ledger.append_note(
-                {"event": "sandbox stopped", "sandbox_id": hosted.sandbox.id, "reason": reason},
-                run_id=hosted.sandbox.run_id,
-            )
+            hosted.sandbox.ledger.append_note(note, run_id=hosted.sandbox.run_id)
         finally:
             hosted.sandbox.close()
             shutil.rmtree(hosted.workspace, ignore_errors=True)
             if hosted.marker is not None:
                 orphans.unmark(hosted.marker)
-            self._lifecycle(hosted, STOPPED, {"reason": reason})
+            self._lifecycle(hosted, STOPPED, {k: note[k] for k in ("reason", "by") if k in note})
+
+    def freeze(
+        self,
+        sandbox_id: str,
+        owner: str | None = None,
+        reason: str = "frozen",
+        *,
+        by: str | None = None,
+    ) -> Hosted:
+        """Hold every process of the sandbox where it is, for inspection (the backend's
+        freezer: cgroup v2's, or SIGSTOP on v1). It takes no more commands; ``stop``
+        ends it. Not under the sandbox's request lock: a command running in it is what
+        is being frozen, and that request then returns."""
+        hosted = self.get(sandbox_id, owner)
+        sb = hosted.sandbox
+        if not hosted.alive:
+            raise HostError(
+                f"sandbox {sandbox_id!r} is not running: {hosted.stopped or sb.stopped}"
+            )
+        sb.stopped = f"frozen for inspection: {reason}"
+        sb.backend.freeze(sb.id, reason)
+        note: dict[str, Any] = {"event": "sandbox frozen", "sandbox_id": sb.id, "reason": reason}
+        if by is not None:
+            note["by"] = by
+        sb.ledger.append_note(note, run_id=sb.run_id)
+        return hosted
 
     def delete(self, sandbox_id: str, owner: str | None = None) -> None:
         """Forget a sandbox (stopping it first if it runs)."""
