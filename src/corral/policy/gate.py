@@ -13,10 +13,13 @@ Nothing here is a containment guarantee.
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral.model import Action, ActionKind, Category, Decision, Verdict
@@ -42,6 +45,7 @@ from corral.policy.shell import Invocation, ParsedCommand, ShellFeed, parse
 
 if TYPE_CHECKING:
     from corral.policy.policy import Policy
+    from corral.policy.toolgate import ToolGate
 
 _WORDS = re.compile(r"[^\s|&;<>]+")
 _CACHE_ENTRIES = 4096
@@ -84,6 +88,8 @@ class Gate:
         self._program_cache: dict[str, Finding | None] = {}
         self._script_globs = (*self.rules.interpreters, *self.rules.shells)
         self._decided: dict[str, Finding] = {}
+        self._tool_gates: dict[str, ToolGate] = {}
+        self._tool_gates_lock = threading.Lock()
 
     # -- public -------------------------------------------------------------------------
 
@@ -108,20 +114,55 @@ class Gate:
             policy_hash=self.policy.hash,
         )
 
-    def check_action(self, action: Action) -> Decision:
+    def check_action(
+        self, action: Action, *, workspace: str | os.PathLike[str] | None = None
+    ) -> Decision:
+        """Decide any action the gate handles: shell, exec, tool. ``workspace`` is where
+        a tool call's relative paths point (default: the current directory)."""
         if action.kind is ActionKind.SHELL:
             return self.check(str(action.payload.get("command", "")), action=action)
         if action.kind is ActionKind.EXEC:
             argv = [str(a) for a in action.payload.get("argv", [])]
             return self.check(shlex.join(argv), action=action)
+        if action.kind is ActionKind.TOOL:
+            start = time.perf_counter()
+            p = action.payload
+            finding = self.tool_gate(workspace).judge(
+                str(p.get("server") or ""), str(p.get("tool", "")), p.get("args", {})
+            )
+            return Decision(
+                verdict=finding.verdict,
+                rule=finding.rule,
+                category=finding.category,
+                reason=finding.reason,
+                latency_s=time.perf_counter() - start,
+                action_id=action.id,
+                policy_hash=self.policy.hash,
+            )
         return Decision(
             Verdict.DENY,
             "gate-unsupported-kind",
             None,
-            f"actions of kind {action.kind.value!r} are not handled by the shell gate",
+            f"actions of kind {action.kind.value!r} are not handled by the gate",
             action_id=action.id,
             policy_hash=self.policy.hash,
         )
+
+    def tool_gate(self, workspace: str | os.PathLike[str] | None = None) -> ToolGate:
+        """The tool gate for one workspace, built on first use (its rules compiled once)."""
+        key = os.path.realpath(Path.cwd() if workspace is None else workspace)
+        tg = self._tool_gates.get(key)
+        if tg is None:
+            from corral.policy.toolgate import ToolGate
+
+            with self._tool_gates_lock:
+                tg = self._tool_gates.get(key)
+                if tg is None:
+                    tg = ToolGate(self, key)
+                    if len(self._tool_gates) >= 64:
+                        self._tool_gates.clear()
+                    self._tool_gates[key] = tg
+        return tg
 
     def findings(self, parsed: ParsedCommand) -> list[Finding]:
         """Every finding that is not a plain allow, for a command already parsed: the

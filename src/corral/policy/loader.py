@@ -274,7 +274,8 @@ def _resolve_doc(
 
 def merge(parent: Any, child: Any, path: Loc = ()) -> Any:
     """Lay ``child`` over ``parent``: mappings merge key by key, lists concatenate without
-    duplicates (parent items first), ``commands.rules`` merge by id, scalars: child wins.
+    duplicates (parent items first), ``commands.rules`` and ``tools.rules`` merge by id,
+    scalars: child wins.
 
     Lists only ever grow. That is a security property, not a convenience: a policy that
     extends ``strict`` cannot drop a ``network.deny`` or ``filesystem.hidden`` entry it
@@ -286,7 +287,7 @@ def merge(parent: Any, child: Any, path: Loc = ()) -> Any:
             out[key] = merge(parent[key], value, (*path, key)) if key in parent else value
         return out
     if isinstance(parent, list) and isinstance(child, list):
-        if path == ("commands", "rules"):
+        if path in (("commands", "rules"), ("tools", "rules")):
             return _merge_rules(parent, child)
         result = list(parent)
         for item in child:
@@ -406,7 +407,10 @@ def _known_keys(loc: Loc) -> list[str]:
             args = [a for a in typing.get_args(tp) if a is not Ellipsis]
             tp = args[-1] if args else None
     tp = _unwrap(tp)
-    return sorted(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+    if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
+        return []
+    # The key a user writes: a field aliased because its name clashes (tools.rules' schema).
+    return sorted(f.alias or name for name, f in tp.model_fields.items())
 
 
 def _unwrap(tp: Any) -> Any:

@@ -42,7 +42,9 @@ _DURATION_PATHS = {
 class _Gate(Protocol):
     def check(self, command: str) -> Decision: ...
 
-    def check_action(self, action: Action) -> Decision: ...
+    def check_action(
+        self, action: Action, *, workspace: str | os.PathLike[str] | None = None
+    ) -> Decision: ...
 
 
 class Policy:
@@ -107,9 +109,15 @@ class Policy:
         """Decide a shell command with the gate (built on first use)."""
         return self._get_gate().check(command)
 
-    def check_action(self, action: Action) -> Decision:
-        """Decide an ``Action`` (shell or exec) with the gate."""
-        return self._get_gate().check_action(action)
+    def check_action(
+        self, action: Action, *, workspace: str | os.PathLike[str] | None = None
+    ) -> Decision:
+        """Decide an ``Action`` (shell, exec or tool) with the gate; ``workspace`` is where
+        a tool call's relative paths point (default: the current directory)."""
+        gate = self._get_gate()
+        if workspace is None:
+            return gate.check_action(action)
+        return gate.check_action(action, workspace=workspace)
 
     def _get_gate(self) -> _Gate:
         if self._gate is None:

@@ -14,13 +14,22 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import importlib
 import ipaddress
 import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from corral.model import Category, Verdict
 
@@ -323,18 +332,174 @@ class CommandsSpec(_Model):
         return value
 
 
+def _check_tool_globs(value: tuple[str, ...]) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        server, sep, tool = item.partition("/")
+        if not (sep and server.strip() and tool.strip()):
+            raise SpecError(f"{item!r}: expected 'server/tool' (globs allowed)", (i,))
+        if "\0" in item:
+            raise SpecError(f"{item!r} contains a NUL byte", (i,))
+    return value
+
+
+class ArgConstraint(_Model):
+    """What the values at one JSON path of a tool call's arguments must be. Every key
+    given applies; a value that fails one is a violation of the rule."""
+
+    # A filesystem path the policy lets the agent read (or write): inside the workspace
+    # (or a listed read_only/writable path), not hidden; for write, not read-only or
+    # protected.
+    path: Literal["read", "write"] | None = None
+    # A URL or host[:port] the network section lets the agent reach.
+    url: StrictBool = False
+    # A shell command the commands section allows (the shell gate judges it).
+    command: StrictBool = False
+    # A regular expression the whole value must match, or one it must not contain.
+    pattern: str | None = None
+    not_pattern: str | None = None
+    # The path must name at least one value (absent is a violation).
+    required: StrictBool = False
+
+    @field_validator("pattern", "not_pattern")
+    @classmethod
+    def _check_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _says_something(self) -> ArgConstraint:
+        if (
+            not (self.path or self.url or self.command or self.pattern or self.not_pattern)
+            and not self.required
+        ):
+            raise ValueError(
+                "a constraint needs at least one of path, url, command, pattern, "
+                "not_pattern, required"
+            )
+        return self
+
+
+class ToolRule(_Model):
+    """Constraints on the arguments of the tools ``tool`` names. A call that violates
+    one gets ``decision``; a call that satisfies all is left to the allow/ask/deny
+    lists. ``schema`` is a JSON Schema the whole arguments object must validate
+    against."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+    id: str
+    tool: tuple[str, ...]
+    args: dict[str, ArgConstraint] = Field(default_factory=dict)
+    # "schema" is a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    decision: Verdict = Verdict.DENY
+    category: Category | None = None
+    reason: str | None = None
+
+    @field_validator("decision")
+    @classmethod
+    def _check_decision(cls, value: Verdict) -> Verdict:
+        if value is Verdict.ALLOW:
+            raise ValueError(
+                "must be deny or ask: it is what a call that breaks the rule gets "
+                "(allow a tool with tools.allow)"
+            )
+        return value
+
+    @field_validator("tool", mode="before")
+    @classmethod
+    def _norm_tool(cls, value: Any) -> Any:
+        return _one_or_many(value)
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not RULE_ID_RE.fullmatch(value):
+            raise ValueError(f"invalid rule id {value!r}: use [a-z0-9][a-z0-9._-]*")
+        return value
+
+    @field_validator("tool")
+    @classmethod
+    def _check_tool(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one 'server/tool' glob")
+        return _check_tool_globs(value)
+
+    @field_validator("args")
+    @classmethod
+    def _check_args(cls, value: dict[str, ArgConstraint]) -> dict[str, ArgConstraint]:
+        from corral.policy.jsonpath import compile_path
+
+        for key in value:
+            try:
+                compile_path(key)
+            except ValueError as exc:
+                raise SpecError(str(exc), (key,)) from None
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _check_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            # Through importlib: jsonschema ships no type information, and only policies
+            # with a schema rule pay for importing it.
+            jsonschema: Any = importlib.import_module("jsonschema")
+            try:
+                jsonschema.validators.validator_for(value).check_schema(value)
+            except jsonschema.exceptions.SchemaError as exc:
+                where = "".join(f"[{p!r}]" for p in exc.absolute_path)
+                raise SpecError(
+                    f"not a valid JSON Schema{' at ' + where if where else ''}: {exc.message}"
+                ) from None
+        return value
+
+    @field_validator("reason")
+    @classmethod
+    def _check_reason(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("reason must not be empty: the agent reads it")
+        return value
+
+    @model_validator(mode="after")
+    def _constrains_something(self) -> ToolRule:
+        if not self.args and self.json_schema is None:
+            raise ValueError(f"rule {self.id!r} needs args, schema or both")
+        return self
+
+
 class ToolsSpec(_Model):
+    """Tool calls by ``server/tool`` name (globs). Deny wins, then ask, then allow, then
+    ``default``; ``rules`` constrain the arguments of the calls they name."""
+
     default: Verdict = Verdict.DENY
     allow: tuple[str, ...] = ()
+    ask: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    rules: tuple[ToolRule, ...] = ()
 
-    @field_validator("allow", "deny")
+    @field_validator("allow", "ask", "deny")
     @classmethod
     def _check_tools(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for i, item in enumerate(value):
-            server, sep, tool = item.partition("/")
-            if not (sep and server.strip() and tool.strip()):
-                raise SpecError(f"{item!r}: expected 'server/tool' (globs allowed)", (i,))
+        return _check_tool_globs(value)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_ids(cls, value: tuple[ToolRule, ...]) -> tuple[ToolRule, ...]:
+        seen: set[str] = set()
+        for i, rule in enumerate(value):
+            if rule.id in seen:
+                raise SpecError(f"duplicate rule id {rule.id!r}", (i, "id"))
+            seen.add(rule.id)
         return value
 
 
