@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -163,6 +164,20 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Event:
+        """The inverse of ``to_dict`` (a record read back from the ledger or the wire)."""
+        return cls(
+            EventKind(d["kind"]),
+            d["sandbox_id"],
+            dict(d.get("fields") or {}),
+            d.get("pid"),
+            d.get("ppid"),
+            d.get("action_id"),
+            d["time"],
+            d["id"],
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Alert:
@@ -180,6 +195,21 @@ class Alert:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Alert:
+        """The inverse of ``to_dict``."""
+        return cls(
+            d["detector"],
+            Category(d["category"]),
+            Severity(d["severity"]),
+            tuple(Event.from_dict(e) for e in d.get("evidence") or ()),
+            d.get("response"),
+            d.get("action_id"),
+            d.get("sandbox_id"),
+            d["time"],
+            d["id"],
+        )
 
 
 @dataclass(frozen=True, slots=True)

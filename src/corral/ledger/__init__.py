@@ -11,6 +11,7 @@ from corral.ledger.chain import (
     sha256_hex,
 )
 from corral.ledger.labelled import LabelledLedger
+from corral.ledger.merge import HostRecord, MergedLedger, find_ledgers
 from corral.ledger.store import (
     KIND_ALERT,
     KIND_DECISION,
@@ -30,11 +31,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "ChainChecker",
     "Durability",
+    "HostRecord",
     "LabelledLedger",
     "Ledger",
     "LedgerRecord",
+    "MergedLedger",
     "VerifyReport",
     "canonical_json",
+    "find_ledgers",
     "genesis_hash",
     "record_hash",
     "sha256_hex",

@@ -1,0 +1,27 @@
+"""corral on Ray: ``SandboxPool`` puts one corral host on each node of a Ray cluster and
+hands out sandboxes with the local ``Sandbox``'s interface. Needs ``pip install
+corral[ray]``."""
+
+try:
+    import ray as _ray  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "corral.ray needs Ray, which is not installed: pip install 'corral[ray]'"
+    ) from e
+
+from corral.ray.placement import Capacity, NoRoom, Request, choose
+from corral.ray.pool import HostLost, PoolError, PoolFull, PoolSandbox, SandboxPool
+from corral.ray.service import HostService
+
+__all__ = [
+    "Capacity",
+    "HostLost",
+    "HostService",
+    "NoRoom",
+    "PoolError",
+    "PoolFull",
+    "PoolSandbox",
+    "Request",
+    "SandboxPool",
+    "choose",
+]

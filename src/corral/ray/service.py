@@ -1,0 +1,154 @@
+"""One node's corral host, as the Ray pool drives it: ``corral.host.Host`` itself (not a
+copy) behind methods that take and return plain values, plus a buffer of what the
+driver streams back (alerts, starts and stops).
+
+Nothing here imports Ray: the pool makes this class a Ray actor, and tests can drive it
+directly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from corral.host import STARTED, STOPPED, Host, HostEvent, ProfileRegistry
+from corral.ledger import Ledger
+from corral.sandbox import Result
+
+# What the driver is told about as it happens; decisions and raw events stay in the
+# node's ledger, where `corral log --cluster` finds them.
+_STREAMED = frozenset({"alert", STARTED, STOPPED})
+
+
+class HostService:
+    """A ``Host`` for one node of a pool, with a cursor-based feed of its events."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        root: str,
+        ledger: str,
+        profiles: str | None = None,
+        gate: bool = True,
+        watch: bool = True,
+        backlog: int = 100_000,
+    ) -> None:
+        """``name``: the host's name in the pool (and in its ledger's records).
+        ``root``: where its workspaces go; a host killed earlier there is cleaned up.
+        ``ledger``: this host's own ledger file."""
+        self.name = name
+        Path(ledger).parent.mkdir(parents=True, exist_ok=True)
+        registry = ProfileRegistry.load(profiles) if profiles else None
+        self.host = Host(
+            profiles=registry,
+            ledger=Ledger.open(ledger),
+            root=root,
+            gate=gate,
+            watch=watch,
+        )
+        self.host.ledger.append_note(
+            {"event": "pool host started", "host": name, "pid": os.getpid(), "node": _node()}
+        )
+        self._feed: deque[tuple[int, dict[str, Any]]] = deque(maxlen=backlog)
+        self._seq = 0
+        self._cond = threading.Condition()
+        self.host.subscribe(self._on_event)
+
+    def _on_event(self, event: HostEvent) -> None:
+        if event.kind not in _STREAMED:
+            return
+        with self._cond:
+            self._seq += 1
+            self._feed.append((self._seq, {**event.to_dict(), "host": self.name}))
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ queries
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "node": _node(),
+            "ledger": str(self.host.ledger.path),
+            "reaped": list(self.host.reaped),
+            "running": sum(1 for h in self.host.sandboxes() if h.alive),
+        }
+
+    def events(self, cursor: int, timeout: float = 1.0) -> tuple[int, list[dict[str, Any]]]:
+        """Events after ``cursor``, waiting up to ``timeout`` s for one; the new cursor.
+        If the backlog overflowed since, the oldest kept come first (the ledger has all)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._seq <= cursor:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return cursor, []
+                self._cond.wait(left)
+            return self._seq, [e for seq, e in self._feed if seq > cursor]
+
+    # ------------------------------------------------------------------ sandboxes
+    def start(self, profile: str, **kwargs: Any) -> dict[str, Any]:
+        hosted = self.host.start(profile, **kwargs)
+        return {"id": hosted.id, "sandbox_id": hosted.sandbox.id, "host": self.name}
+
+    def run(self, sandbox_id: str, command: str | list[str], **kwargs: Any) -> Result:
+        with self.host.using(sandbox_id) as hosted:
+            return hosted.sandbox.run(command, **kwargs)
+
+    def read_file(self, sandbox_id: str, path: str) -> str:
+        with self.host.using(sandbox_id) as hosted:
+            return hosted.sandbox.read_file(path)
+
+    def write_file(self, sandbox_id: str, path: str, data: str | bytes) -> None:
+        with self.host.using(sandbox_id) as hosted:
+            hosted.sandbox.write_file(path, data)
+
+    def open_session(
+        self, sandbox_id: str, name: str, env: Mapping[str, str] | None = None
+    ) -> None:
+        with self.host.using(sandbox_id) as hosted:
+            hosted.sandbox.open_session(name, env)
+
+    def close_session(self, sandbox_id: str, name: str) -> None:
+        with self.host.using(sandbox_id) as hosted:
+            hosted.sandbox.close_session(name)
+
+    def status(self, sandbox_id: str) -> dict[str, Any]:
+        hosted = self.host.get(sandbox_id)
+        return {
+            "alive": hosted.alive,
+            "stopped": hosted.stopped or hosted.sandbox.stopped,
+            "episode_ended": hosted.episode_ended,
+            "alerts": [a.to_dict() for a in hosted.sandbox.alerts],
+        }
+
+    def stop(self, sandbox_id: str, reason: str = "stopped") -> None:
+        self.host.stop(sandbox_id, reason=reason)
+
+    def delete(self, sandbox_id: str) -> None:
+        self.host.delete(sandbox_id)
+
+    def metrics(self) -> bytes:
+        """This host's Prometheus exposition, when metrics are available."""
+        try:
+            from corral.serve.metrics import HostMetrics  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            return b""
+        metrics = getattr(self, "_metrics", None)
+        if metrics is None:
+            metrics = self._metrics = HostMetrics(self.host)
+        return bytes(metrics.exposition())
+
+    def close(self) -> None:
+        self.host.close()
+        self.host.ledger.close()
+
+
+def _node() -> str:
+    return socket.gethostname()
