@@ -2,7 +2,8 @@
 
 Every route is under ``/apis/envs/sandbox/v1/`` and answers HTTP 200 with ROCK's
 envelope (see ``protocol``), except a missing or wrong token: HTTP 401, before any
-sandbox is touched. Routes are plain functions, run in FastAPI's thread pool; requests to
+sandbox is touched. The live view (``/live``, ``/apis/live/v1/``) and ``/metrics`` are
+``live``'s. Routes are plain functions, run in FastAPI's thread pool; requests to
 one sandbox take turns (``Host.using``), requests to different sandboxes run at once.
 """
 
@@ -11,8 +12,8 @@ one sandbox take turns (``Host.using``), requests to different sandboxes run at 
 import contextlib
 import shlex
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -22,10 +23,14 @@ from fastapi.responses import JSONResponse
 from corral import __version__
 from corral.errors import CorralError
 from corral.host import Host, Hosted
+from corral.host.metrics import HostMetrics
+from corral.host.usage import UsageSampler
 from corral.model import Alert
 from corral.policy.schema import parse_size
+from corral.serve import live
 from corral.serve import protocol as p
 from corral.serve.auth import LOCAL_USER, Tokens, labels_from, token_from
+from corral.serve.fleet import HostFleet
 
 PREFIX = "/apis/envs/sandbox/v1"
 UPLOAD_LIMIT = 256 << 20
@@ -39,11 +44,35 @@ class _Refused(Exception):
         self.message, self.error = message, error
 
 
-def create_app(host: Host, tokens: Tokens | None) -> FastAPI:
+def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> FastAPI:
     """The API over ``host``. ``tokens`` None: no token asked for (loopback only; the
-    caller checks the address it binds)."""
-    app = FastAPI(title="corral", version=__version__, docs_url=None, redoc_url=None)
+    caller checks the address it binds). ``live_view``: serve the live page and its API
+    (``/metrics`` is served either way)."""
+    metrics = HostMetrics(host)
+    sampler = UsageSampler(host) if live_view else None
+    fleet = HostFleet(host, sampler) if live_view else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if sampler is not None:
+            sampler.start()
+        try:
+            yield
+        finally:
+            if app.state.streams is not None:
+                app.state.streams.close()
+            if sampler is not None:
+                sampler.close()
+            if fleet is not None:
+                fleet.close()
+            metrics.close()
+
+    app = FastAPI(
+        title="corral", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan
+    )
     app.state.host = host
+    app.state.metrics = metrics
+    app.state.streams = live.mount(app, fleet, metrics, tokens)
     hostname = socket.gethostname()
 
     def caller(request: Request) -> str:

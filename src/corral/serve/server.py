@@ -5,12 +5,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
+from fastapi import FastAPI
 
 from corral.errors import CorralError
 from corral.host import Host
@@ -48,9 +50,27 @@ def check_exposure(address: str, tokens: Tokens, local_only: bool) -> Tokens | N
     return tokens
 
 
-def _config(host: Host, address: str, port: int, tokens: Tokens | None) -> uvicorn.Config:
-    return uvicorn.Config(
-        create_app(host, tokens),
+class _Server(uvicorn.Server):
+    """uvicorn's server, which first ends the live view's open streams when it shuts
+    down: it waits for every open response to finish, and a stream never would."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        streams = self.app.state.streams
+        if streams is not None:
+            streams.close()
+        await super().shutdown(sockets)
+
+
+def _server(
+    host: Host, address: str, port: int, tokens: Tokens | None, live_view: bool = True
+) -> _Server:
+    app = create_app(host, tokens, live_view=live_view)
+    config = uvicorn.Config(
+        app,
         host=address,
         port=port,
         log_level="warning",
@@ -59,11 +79,14 @@ def _config(host: Host, address: str, port: int, tokens: Tokens | None) -> uvico
         backlog=2048,
         timeout_keep_alive=30,
     )
+    return _Server(config, app)
 
 
-def serve_forever(host: Host, address: str, port: int, tokens: Tokens | None) -> None:
+def serve_forever(
+    host: Host, address: str, port: int, tokens: Tokens | None, *, live_view: bool = True
+) -> None:
     """Until SIGINT or SIGTERM; then every sandbox is stopped and recorded as such."""
-    server = uvicorn.Server(_config(host, address, port, tokens))
+    server = _server(host, address, port, tokens, live_view)
     # uvicorn shuts down gracefully on a signal, then raises it again for the handler it
     # found installed. Installing one that only notes it lets the host close its
     # sandboxes (and write that to the ledger) instead of dying on the spot.
@@ -82,10 +105,15 @@ def serve_forever(host: Host, address: str, port: int, tokens: Tokens | None) ->
 
 @contextmanager
 def serving(
-    host: Host, address: str = "127.0.0.1", port: int = 0, tokens: Tokens | None = None
+    host: Host,
+    address: str = "127.0.0.1",
+    port: int = 0,
+    tokens: Tokens | None = None,
+    *,
+    live_view: bool = True,
 ) -> Iterator[str]:
     """The API on a thread; yields its base URL (``port`` 0: any free one)."""
-    server = uvicorn.Server(_config(host, address, port, tokens))
+    server = _server(host, address, port, tokens, live_view)
     thread = threading.Thread(target=server.run, name="corral-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
