@@ -21,7 +21,8 @@ from corral.errors import CorralError, PolicyError
 from corral.paths import corral_home, default_ledger_path
 
 if TYPE_CHECKING:
-    from corral.ledger import Ledger
+    from corral.ledger import Ledger, LedgerRecord
+    from corral.model import Action
     from corral.policy import Policy
     from corral.sandbox import Result
 
@@ -55,6 +56,21 @@ def _add_sandbox(p: argparse.ArgumentParser) -> None:
     _add_state(p)
 
 
+def _add_mcp_serving(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``mcp`` and ``mcp-gateway``."""
+    p.add_argument(
+        "--policy", default="strict", help="preset name or policy file (default: strict)"
+    )
+    p.add_argument("--workspace", default=".", help="the directory the tools work in (default: .)")
+    p.add_argument("--no-gate", action="store_true", help="skip the gate: test containment alone")
+    p.add_argument("--transport", choices=("stdio", "http"), default="stdio")
+    p.add_argument("--host", default="127.0.0.1", help="address for http (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port for http (default 8765)")
+    p.add_argument("--task", help="the agent's task, for the auditor")
+    p.add_argument("--run-id", default=os.environ.get("CORRAL_RUN_ID"))
+    _add_state(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="corral", description="Contain autonomous AI agents.")
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
@@ -72,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="run id recorded with each decision",
     )
     c.add_argument("--no-record", action="store_true", help="do not write decisions to the ledger")
+    c.add_argument(
+        "--tool",
+        metavar="SERVER/TOOL",
+        help="decide a tool call instead of a command (the policy's tools section)",
+    )
+    c.add_argument(
+        "--args", metavar="JSON", default="{}", help="the tool call's arguments (a JSON object)"
+    )
+    c.add_argument(
+        "--workspace",
+        default=".",
+        help="where a tool call's relative paths point (default: .)",
+    )
     _add_state(c)
     c.add_argument("command", nargs="*", help='the command, after "--"')
 
@@ -111,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="only records with this label (corral serve's user_id, experiment_id, "
         "namespace, owner, sandbox, profile); repeat to require several",
+    )
+    lg.add_argument(
+        "--cluster",
+        nargs="*",
+        metavar="PATH",
+        help="merge the ledgers of a pool's hosts (files, or directories searched for "
+        "*.db; default $CORRAL_HOME/cluster), each chain checked, records by time",
     )
     lg.add_argument("--limit", type=int, help="at most this many records (the newest)")
     lg.add_argument("--json", action="store_true", help="one JSON object per record")
@@ -212,6 +248,54 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-gate", action="store_true", help="containment only (for testing)")
     _add_state(sv)
 
+    mc = sub.add_parser(
+        "mcp",
+        help="serve a sandboxed shell and the workspace's files as MCP tools",
+        description=(
+            "An MCP server with run_command, read_file, write_file and list_files. Each MCP "
+            "session gets its own sandbox over the workspace; every call is checked against "
+            "the policy and recorded, and a refused call returns a tool error with the reason."
+        ),
+    )
+    _add_mcp_serving(mc)
+    mc.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds before an idle HTTP session's sandbox is closed (default 1800)",
+    )
+
+    gw = sub.add_parser(
+        "mcp-gateway",
+        help="stand between an agent and an MCP server: only allowed tool calls get through",
+        description=(
+            "An MCP server in front of another (the upstream): lists only the tools the policy "
+            "allows, checks every call (and asks the policy's auditor) before forwarding it, "
+            "records calls and results, and redacts secrets from results. The upstream is a "
+            "command (--upstream 'CMD ARGS' or after --) or a streamable HTTP URL."
+        ),
+    )
+    gw.add_argument(
+        "--server-name", required=True, help="the upstream's name in the policy's tools section"
+    )
+    gw.add_argument(
+        "--upstream", metavar="CMD", help="the upstream's command line (split like a shell)"
+    )
+    gw.add_argument("--upstream-url", metavar="URL", help="the upstream's streamable HTTP endpoint")
+    gw.add_argument(
+        "--upstream-env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="pass this variable to the upstream command (repeat; default: only HOME, PATH, ...)",
+    )
+    _add_mcp_serving(gw)
+    gw.add_argument(
+        "--no-redact", action="store_true", help="return results as the upstream sent them"
+    )
+    gw.add_argument("--secrets", metavar="FILE", help="secret shapes to redact (default: shipped)")
+    gw.add_argument("command", nargs="*", help='the upstream command, after "--"')
+
     d = sub.add_parser("demo", help="replay the ROME incident through corral")
     d.add_argument("--policy", default="swe")
     d.add_argument("--json", action="store_true", help="print the decisions as JSON lines")
@@ -270,6 +354,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.batch and args.command:
         print("corral: error: give either --batch FILE or a command, not both", file=sys.stderr)
         return EXIT_USAGE
+    if args.tool is not None:
+        return _check_tool(args)
     if not args.batch and not args.command:
         print(
             'corral: error: nothing to check; use: corral check -- "CMD" or --batch FILE',
@@ -297,6 +383,49 @@ def _check_one(
     decision = policy.check_action(action)
     if ledger is not None:
         ledger.append_decision(action, decision)
+    if args.json:
+        print(json.dumps(decision.to_dict()))
+    else:
+        cat = decision.category.value if decision.category else "-"
+        print(f"{decision.verdict.value}\t{cat}\t{decision.rule}\t{decision.reason}")
+    return EXIT_OK if decision.allowed else EXIT_FLAGGED
+
+
+def _tool_action(name: str, arguments: Any, **kw: Any) -> Action:
+    """A tool-call ``Action`` (``--tool``/``--args``, or a batch line's ``tool`` and
+    ``args``); a ValueError names what is wrong."""
+    from corral.model import Action, ActionKind
+    from corral.policy.toolgate import split_name
+
+    server, tool = split_name(name)
+    if not server or not tool or any(c.isspace() for c in name):
+        raise ValueError(f"tool {name!r}: expected SERVER/TOOL, e.g. github/create_issue")
+    if not isinstance(arguments, dict):
+        raise ValueError(
+            f"a tool call's args must be a JSON object, got {type(arguments).__name__}"
+        )
+    return Action(ActionKind.TOOL, {"server": server, "tool": tool, "args": arguments}, **kw)
+
+
+def _check_tool(args: argparse.Namespace) -> int:
+    from corral.policy import Policy
+
+    if args.batch or args.command:
+        raise CorralError("--tool decides one tool call; give no command and no --batch with it")
+    try:
+        parsed = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise CorralError(f"--args is not valid JSON: {exc}") from None
+    try:
+        action = _tool_action(args.tool, parsed, run_id=args.run_id)
+    except ValueError as exc:
+        raise CorralError(f"--tool/--args: {exc}") from None
+    policy = Policy.load(args.policy)
+    decision = policy.check_action(action, workspace=args.workspace)
+    ledger = _open_ledger(args)
+    if ledger is not None:
+        with ledger:
+            ledger.append_decision(action, decision)
     if args.json:
         print(json.dumps(decision.to_dict()))
     else:
@@ -339,15 +468,26 @@ def _check_batch(policy: Policy, ledger: Ledger | None, args: argparse.Namespace
                     continue
                 try:
                     obj = json.loads(raw)
-                    if not isinstance(obj, dict) or not isinstance(obj.get("command"), str):
-                        raise ValueError('expected an object with a string "command" field')
-                    action = Action.shell(
-                        obj["command"],
-                        run_id=obj.get("run_id", args.run_id),
-                        episode=obj.get("episode"),
-                        step=obj.get("step"),
-                        task=obj.get("task"),
-                    )
+                    if not isinstance(obj, dict):
+                        raise ValueError(
+                            'expected an object with a string "command" field '
+                            '(or "tool" and "args")'
+                        )
+                    where = {
+                        "run_id": obj.get("run_id", args.run_id),
+                        "episode": obj.get("episode"),
+                        "step": obj.get("step"),
+                        "task": obj.get("task"),
+                    }
+                    if isinstance(obj.get("tool"), str):
+                        action = _tool_action(obj["tool"], obj.get("args", {}), **where)
+                    elif not isinstance(obj.get("command"), str):
+                        raise ValueError(
+                            'expected an object with a string "command" field '
+                            '(or "tool" and "args")'
+                        )
+                    else:
+                        action = Action.shell(obj["command"], **where)
                 except (ValueError, TypeError) as exc:
                     msg = f"{name}:{lineno}: {exc}"
                     print(f"corral: {msg}", file=sys.stderr)
@@ -365,7 +505,7 @@ def _check_batch(policy: Policy, ledger: Ledger | None, args: argparse.Namespace
                     )
                     worst = EXIT_USAGE
                     continue
-                decision = policy.check_action(action)
+                decision = policy.check_action(action, workspace=args.workspace)
                 if ledger is not None:
                     ledger.append_decision(action, decision)
                 record = decision.to_dict()
@@ -406,9 +546,6 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 def _cmd_log(args: argparse.Namespace) -> int:
     from corral.ledger import Ledger
 
-    path = _recorded_ledger(args)
-    if path is None:
-        return EXIT_OK
     kinds = ["alert"] if args.alerts else args.kind
     wanted: dict[str, str] = {}
     for item in args.label or []:
@@ -416,13 +553,18 @@ def _cmd_log(args: argparse.Namespace) -> int:
         if not eq or not key:
             raise CorralError(f"--label {item!r}: expected KEY=VALUE, e.g. user_id=u1")
         wanted[key] = value
+
+    def keep(r: LedgerRecord) -> bool:
+        labels = r.body.get("labels") or {}
+        return all(labels.get(k) == v for k, v in wanted.items())
+
+    if args.cluster is not None:
+        return _log_cluster(args, kinds, keep)
+    path = _recorded_ledger(args)
+    if path is None:
+        return EXIT_OK
     with Ledger.open(path, create=False) as ledger:
-        records = [
-            r
-            for r in ledger.records(run_id=args.run, kinds=kinds)
-            if not wanted
-            or all((r.body.get("labels") or {}).get(k) == v for k, v in wanted.items())
-        ]
+        records = [r for r in ledger.records(run_id=args.run, kinds=kinds) if keep(r)]
     if args.limit is not None:
         records = records[-args.limit :]
     for rec in records:
@@ -431,6 +573,33 @@ def _cmd_log(args: argparse.Namespace) -> int:
         else:
             print(_format_record(rec.to_dict()))
     return EXIT_OK
+
+
+def _log_cluster(
+    args: argparse.Namespace, kinds: list[str] | None, keep: Callable[[LedgerRecord], bool]
+) -> int:
+    """``corral log --cluster``: every host's ledger checked, then one timeline."""
+    from corral.ledger import MergedLedger
+
+    paths = args.cluster or [str(corral_home(args.home) / "cluster")]
+    with MergedLedger(paths) as merged:
+        broken = {h: v for h, v in merged.verify().items() if not v.ok}
+        for host, v in broken.items():
+            print(
+                f"corral: ledger of {host} fails its check at record {v.first_bad_seq}: "
+                f"{v.problem}",
+                file=sys.stderr,
+            )
+        records = [hr for hr in merged.records(run_id=args.run, kinds=kinds) if keep(hr.record)]
+    if args.limit is not None:
+        records = records[-args.limit :]
+    width = max((len(hr.host) for hr in records), default=0)
+    for hr in records:
+        if args.json:
+            print(json.dumps({"host": hr.host, **hr.record.to_dict()}))
+        else:
+            print(f"{hr.host:<{width}} {_format_record(hr.record.to_dict())}")
+    return EXIT_FLAGGED if broken else EXIT_OK
 
 
 def _short(text: str, width: int = 70) -> str:
@@ -447,7 +616,8 @@ def _format_record(rec: dict[str, Any]) -> str:
     step = f"step {rec['step']}" if rec.get("step") is not None else ""
     if rec["kind"] == "decision":
         d = body.get("decision", {})
-        cmd = body.get("action", {}).get("payload", {}).get("command", "")
+        payload = body.get("action", {}).get("payload", {})
+        cmd = payload.get("command") or _tool_line(payload)
         return f"{head} {d.get('decision', '?'):<5} {d.get('category') or '-':<20} {_short(cmd)}"
     if rec["kind"] == "exec":
         what = body.get("command") or " ".join(map(str, body.get("argv", [])))
@@ -464,6 +634,11 @@ def _format_record(rec: dict[str, Any]) -> str:
             f"{head} exit {body.get('exit_code', '?'):<3} {body.get('duration_s', 0):8.3f}s "
             f"{flags or step:<10} {_short(what, 60)}"
         )
+    if rec["kind"] == "tool":
+        what = _tool_line(body)
+        status = "error" if body.get("is_error") else "ok   "
+        redacted = f" ({body['redacted']} redacted)" if body.get("redacted") else ""
+        return f"{head} {status} {body.get('duration_s', 0):8.3f}s {_short(what, 60)}{redacted}"
     if rec["kind"] == "alert":
         where = f" (step {rec['step']})" if rec.get("step") is not None else ""
         lines = [
@@ -488,6 +663,15 @@ def _format_record(rec: dict[str, Any]) -> str:
     if rec["kind"] == "event" and body.get("kind") in ("net", "dns"):
         return f"{head} {_format_net(body.get('kind', ''), body.get('fields') or {})}"
     return f"{head} {_short(json.dumps(body), 110)}"
+
+
+def _tool_line(payload: dict[str, Any]) -> str:
+    """A tool call from its payload (``server``, ``tool``, ``args``), or ""."""
+    if not payload.get("tool"):
+        return ""
+    from corral.policy.toolgate import tool_text
+
+    return tool_text(payload.get("server"), str(payload["tool"]), payload.get("args", {}))
 
 
 def _format_evidence(ev: dict[str, Any]) -> str:
@@ -868,7 +1052,85 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_mcp(args: argparse.Namespace) -> int:
+    from corral.mcp.server import Sessions, Settings, build_server
+    from corral.mcp.transport import serve
+    from corral.policy import Policy
+
+    workspace = Path(args.workspace).expanduser().resolve()
+    if not workspace.is_dir():
+        raise CorralError(f"--workspace {args.workspace}: not a directory")
+    sessions = Sessions(
+        Settings(
+            policy=Policy.load(args.policy),
+            workspace=workspace,
+            ledger=_ledger_path(args),
+            gate=not args.no_gate,
+            run_id=args.run_id,
+            task=args.task,
+            idle_ttl=args.idle_timeout,
+        )
+    )
+    if args.transport == "http":
+        print(
+            f"corral mcp: http://{args.host}:{args.port}/mcp (workspace {workspace}, "
+            f"policy {args.policy}, ledger {_ledger_path(args)})",
+            file=sys.stderr,
+        )
+
+    async def session_ended(key: str) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(sessions.close, key)
+
+    serve(
+        build_server(sessions),
+        args.transport,
+        host=args.host,
+        port=args.port,
+        on_session_end=session_ended,
+    )
+    return EXIT_OK
+
+
+def _cmd_mcp_gateway(args: argparse.Namespace) -> int:
+    from corral.mcp.gateway import GatewaySettings, Upstream, build_gateway, pass_env
+    from corral.mcp.redact import load_redactor
+    from corral.mcp.transport import serve
+    from corral.policy import Policy
+
+    if args.upstream and args.command:
+        raise CorralError("give the upstream command once: --upstream 'CMD' or after --")
+    try:
+        command = tuple(shlex.split(args.upstream)) if args.upstream else tuple(args.command)
+    except ValueError as exc:
+        raise CorralError(f"--upstream: {exc}") from None
+    if bool(command) == bool(args.upstream_url):
+        raise CorralError(
+            "name the upstream MCP server: --upstream 'CMD ARGS', -- CMD ARGS, or --upstream-url URL"
+        )
+    workspace = Path(args.workspace).expanduser().resolve()
+    if not workspace.is_dir():
+        raise CorralError(f"--workspace {args.workspace}: not a directory")
+    settings = GatewaySettings(
+        policy=Policy.load(args.policy),
+        workspace=workspace,
+        ledger=_ledger_path(args),
+        upstream=Upstream(
+            args.server_name, command, args.upstream_url, pass_env(args.upstream_env)
+        ),
+        gate=not args.no_gate,
+        redactor=None if args.no_redact else load_redactor(args.secrets),
+        run_id=args.run_id,
+        task=args.task,
+    )
+    serve(build_gateway(settings), args.transport, host=args.host, port=args.port)
+    return EXIT_OK
+
+
 _HANDLERS = {
+    "mcp": _cmd_mcp,
+    "mcp-gateway": _cmd_mcp_gateway,
     "serve": _cmd_serve,
     "export": _cmd_export,
     "report": _cmd_report,

@@ -150,7 +150,11 @@ class Gate:
 
     def tool_gate(self, workspace: str | os.PathLike[str] | None = None) -> ToolGate:
         """The tool gate for one workspace, built on first use (its rules compiled once)."""
-        key = os.path.realpath(Path.cwd() if workspace is None else workspace)
+        # An absolute path is keyed as given: resolving it on every call would cost more
+        # than the decision. A relative one depends on the current directory, which can
+        # change, so it is resolved each time.
+        text = os.fspath(Path.cwd() if workspace is None else workspace)
+        key = text if os.path.isabs(text) else os.path.realpath(text)
         tg = self._tool_gates.get(key)
         if tg is None:
             from corral.policy.toolgate import ToolGate

@@ -21,6 +21,7 @@ from corral.policy.schema import PolicySpec
 
 if TYPE_CHECKING:
     from corral.model import Action, Decision
+    from corral.policy.toolgate import ToolGate
 
 __all__ = ["Policy", "preset_names"]
 
@@ -45,6 +46,8 @@ class _Gate(Protocol):
     def check_action(
         self, action: Action, *, workspace: str | os.PathLike[str] | None = None
     ) -> Decision: ...
+
+    def tool_gate(self, workspace: str | os.PathLike[str] | None = None) -> ToolGate: ...
 
 
 class Policy:
@@ -118,6 +121,11 @@ class Policy:
         if workspace is None:
             return gate.check_action(action)
         return gate.check_action(action, workspace=workspace)
+
+    def tool_gate(self, workspace: str | os.PathLike[str] | None = None) -> ToolGate:
+        """The tool gate for one workspace: what the lists say about a tool before it is
+        called (``mcp-gateway`` lists only the tools it may call), and whole decisions."""
+        return self._get_gate().tool_gate(workspace)
 
     def _get_gate(self) -> _Gate:
         if self._gate is None:

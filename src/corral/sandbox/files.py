@@ -93,3 +93,37 @@ def write_file(workspace: Path, path: str, data: bytes) -> None:
     )
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def list_dir(workspace: Path, path: str, *, limit: int = 10_000) -> list[tuple[str, str]]:
+    """A directory's entries as ``(name, kind)``, kind ``dir``, ``file``, ``link`` or
+    ``other``, sorted by name; a link is reported as one, never followed."""
+    p = PurePosixPath(path)
+    whole = p.parts in ((), (".",)) or (p.is_absolute() and Path(p) == workspace)
+    if whole:
+        fd = os.open(workspace, _DIR_FLAGS)
+    else:
+        try:
+            fd = _open_in_workspace(
+                workspace, path, os.O_RDONLY | os.O_DIRECTORY, create_dirs=False
+            )
+        except NotADirectoryError:
+            raise UnsafePathError(f"{path} is not a directory") from None
+    out: list[tuple[str, str]] = []
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    kind = "link"
+                elif entry.is_dir(follow_symlinks=False):
+                    kind = "dir"
+                elif entry.is_file(follow_symlinks=False):
+                    kind = "file"
+                else:
+                    kind = "other"
+                out.append((entry.name, kind))
+                if len(out) >= limit:
+                    break
+    finally:
+        os.close(fd)
+    return sorted(out)
