@@ -34,6 +34,7 @@ test: setup
 
 bench: setup
 	@$(BIN)/python bench/gate_bench.py --eval $(EVAL)
+	@$(BIN)/python bench/tool_bench.py
 	@$(BIN)/python bench/sandbox_bench.py
 	@$(BIN)/python bench/egress_bench.py
 	@$(BIN)/python bench/watch_bench.py
