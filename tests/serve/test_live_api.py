@@ -4,6 +4,7 @@ operator role, ``--local-only``'s guards, and the stream's bounds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -344,7 +345,7 @@ def test_kill_ends_a_command_that_is_still_running(live: Live) -> None:
         answer.append(
             httpx.post(
                 f"{live.url}/apis/envs/sandbox/v1/execute",
-                json={"sandbox_id": sid, "command": "sleep 600"},
+                json={"sandbox_id": sid, "command": "sleep 613"},
                 headers={"XRL-Authorization": f"Bearer {ALICE}"},
                 timeout=None,
             ).json()
@@ -353,7 +354,15 @@ def test_kill_ends_a_command_that_is_still_running(live: Live) -> None:
     running = threading.Thread(target=long_command, daemon=True)
     running.start()
     h = live.host.get(sid)
-    while not h.lock.locked():  # the request holds the sandbox while its command runs
+
+    def sleeping() -> bool:
+        for pid in h.sandbox.backend.processes(h.sandbox.id):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00613\x00":
+                    return True
+        return False
+
+    while not sleeping():
         running.join(0.01)
     r = httpx.post(
         f"{live.url}{LIVE}/sandboxes/{sid}/kill",
@@ -365,5 +374,5 @@ def test_kill_ends_a_command_that_is_still_running(live: Live) -> None:
     running.join(60)
     # The request that was running answers at once, with why.
     assert not running.is_alive() and answer
-    assert answer[0]["status"] == "Failed"
-    assert "was stopped: a stuck rollout" in answer[0]["error"]
+    assert answer[0]["result"]["exit_code"] == 137, answer
+    assert answer[0]["result"]["stderr"] == "corral: the sandbox was stopped: a stuck rollout\n"

@@ -244,12 +244,11 @@ def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> 
             reason = p.failure_reason(
                 list(h.sandbox.alerts), None, h.episode_ended, h.sandbox.stopped
             )
+        # The sandbox already says on stderr that it was stopped; not twice.
+        said = set(r.stderr.splitlines())
+        extra = "".join(f"{line}\n" for line in reason.splitlines() if line not in said)
         return p.envelope(
-            {
-                "stdout": r.stdout,
-                "stderr": r.stderr + (reason + "\n" if reason else ""),
-                "exit_code": r.exit_code,
-            }
+            {"stdout": r.stdout, "stderr": r.stderr + extra, "exit_code": r.exit_code}
         )
 
     # ---------------------------------------------------------------- files
