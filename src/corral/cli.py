@@ -246,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--profiles", metavar="FILE", help="image profiles (default: the shipped ones)")
     sv.add_argument("--no-gate", action="store_true", help="containment only (for testing)")
+    sv.add_argument(
+        "--no-live",
+        action="store_true",
+        help="serve neither the live view (/live) nor its API; /metrics is served either way",
+    )
     _add_state(sv)
 
     mc = sub.add_parser(
@@ -1043,12 +1048,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         gate=not args.no_gate,
     )
     who = "no token (loopback only)" if tokens is None else f"{len(tokens.by_token)} token(s)"
+    base = f"http://{args.host}:{args.port}"
     print(
-        f"corral serve: http://{args.host}:{args.port}/apis/envs/sandbox/v1 ({who}; "
+        f"corral serve: {base}/apis/envs/sandbox/v1 ({who}; "
         f"profiles: {', '.join(profiles.names())}; ledger: {_ledger_path(args)})",
         file=sys.stderr,
     )
-    serve_forever(host, args.host, args.port, tokens)
+    if not args.no_live:
+        print(f"live view: {base}/live, metrics: {base}/metrics", file=sys.stderr)
+    serve_forever(host, args.host, args.port, tokens, live_view=not args.no_live)
     return EXIT_OK
 
 
