@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from corral.host import Host, HostEvent
+from corral.host import Host, Hosted, HostEvent
 from corral.ledger import Ledger
 from corral.serve.auth import Tokens
 from corral.serve.server import serving
@@ -97,3 +99,17 @@ class Waiter:
         self._unsubscribe()
         assert ok and self.found is not None, f"no {self.kind} event within {timeout} s"
         return self.found
+
+
+def process(hosted: Hosted, cmdline: str, timeout: float = 10.0) -> int:
+    """The pid of the sandbox's process running ``cmdline`` (a background job is forked
+    a moment after the command that started it returns)."""
+    want = cmdline.replace(" ", "\0").encode() + b"\0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in hosted.sandbox.backend.processes(hosted.sandbox.id):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes() == want:
+                    return pid
+        time.sleep(0.01)
+    raise AssertionError(f"no process {cmdline!r} in sandbox {hosted.id} after {timeout} s")

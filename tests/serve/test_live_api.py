@@ -4,7 +4,6 @@ operator role, ``--local-only``'s guards, and the stream's bounds."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import threading
@@ -16,13 +15,16 @@ import httpx
 import pytest
 
 from corral.host import STARTED, Host, HostEvent
+from corral.host.usage import UsageSampler
 from corral.ledger import Ledger
 from corral.ledger.chain import LedgerRecord
 from corral.serve.auth import TokenError, Tokens
 from corral.serve.fleet import Caller, HostFleet, entry, live_event
 from corral.serve.live import CLIENT_QUEUE, Streams, sse
 from corral.serve.server import serving
-from tests.serve.live import ALICE, BOB, LIVE, ONCALL, Live, live_server
+from corral.watch.gpu import FakeGpuBackend, GpuProcess
+from corral.watch.watcher import Watcher
+from tests.serve.live import ALICE, BOB, LIVE, ONCALL, Live, live_server, process
 
 
 @pytest.fixture(scope="module")
@@ -353,17 +355,7 @@ def test_kill_ends_a_command_that_is_still_running(live: Live) -> None:
 
     running = threading.Thread(target=long_command, daemon=True)
     running.start()
-    h = live.host.get(sid)
-
-    def sleeping() -> bool:
-        for pid in h.sandbox.backend.processes(h.sandbox.id):
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00613\x00":
-                    return True
-        return False
-
-    while not sleeping():
-        running.join(0.01)
+    process(live.host.get(sid), "sleep 613", timeout=30)
     r = httpx.post(
         f"{live.url}{LIVE}/sandboxes/{sid}/kill",
         json={"reason": "a stuck rollout"},
@@ -376,3 +368,42 @@ def test_kill_ends_a_command_that_is_still_running(live: Live) -> None:
     assert not running.is_alive() and answer
     assert answer[0]["result"]["exit_code"] == 137, answer
     assert answer[0]["result"]["stderr"] == "corral: the sandbox was stopped: a stuck rollout\n"
+
+
+def test_usage_samples_carry_cpu_memory_and_gpu(tmp_path: Path) -> None:
+    gpu = FakeGpuBackend()
+    watcher = Watcher(gpu=gpu)
+    try:
+        with Host(
+            ledger=Ledger.memory(), root=tmp_path / "host", reap_every=0, watch=watcher
+        ) as host:
+            busy = host.start("rl-agent")
+            idle = host.start("strict")
+            with host.using(busy.id):
+                busy.sandbox.run("nohup sleep 60 > /dev/null 2>&1 &")
+            pid = process(busy, "sleep 60")
+            # Under the gpu-hijack detector's threshold: this is about the samples.
+            gpu.set([GpuProcess(pid=pid, gpu=0, memory=1 << 30, util=25.0)])
+            sampler = UsageSampler(host, keep=3)
+            for _ in range(4):
+                sampler.sample()
+            samples = sampler.samples(busy.id)
+            assert len(samples) == 3  # a ring of the last `keep`
+            assert all(s.cpu is not None and s.cpu >= 0 for s in samples)
+            assert all(s.memory is not None and s.memory > 0 for s in samples)
+            assert [s.gpu for s in samples] == [25.0] * 3
+            assert sampler.samples(idle.id)[-1].gpu == 0.0
+            host.stop(busy.id)
+            sampler.sample()
+            assert len(sampler.samples(busy.id)) == 3  # kept while the host lists it
+            host.delete(busy.id)
+            sampler.sample()
+            assert sampler.samples(busy.id) == ()
+    finally:
+        watcher.close()
+    with Host(ledger=Ledger.memory(), root=tmp_path / "h2", reap_every=0, watch=False) as host:
+        h = host.start("strict")
+        sampler = UsageSampler(host)
+        sampler.sample()
+        (s,) = sampler.samples(h.id)
+        assert s.gpu is None and s.cpu is None  # no GPU telemetry; no CPU rate yet

@@ -24,7 +24,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.serve.live import ALICE, BOB, LIVE, Live, Waiter, live_server
+from tests.serve.live import ALICE, BOB, LIVE, Live, Waiter, live_server, process
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "artifacts"
 BOUND_S = 2.0
@@ -141,13 +141,14 @@ def test_the_kill_button_stops_the_sandbox(live: Live, driver: webdriver.Chrome)
     h = live.host.start("rl-agent", owner="alice")
     with live.host.using(h.id):
         h.sandbox.run("nohup sleep 300 > /dev/null 2>&1 &")
-    assert h.sandbox.backend.processes(h.sandbox.id)
+    sleeper = process(h, "sleep 300")
     open_page(driver, live, ALICE)
     r = row(driver, h.id, "running")
     stopped = Waiter(live.host, "sandbox stopped", h.id)
     r.find_element(By.CSS_SELECTOR, 'button[data-act="kill"]').click()
     stopped.wait(10)
     assert h.state == "stopped" and not h.workspace.exists()
+    assert not Path(f"/proc/{sleeper}").exists()
     r = row(driver, h.id, "stopped")
     assert r.find_element(By.CSS_SELECTOR, 'button[data-act="kill"]').get_attribute("disabled")
     note = [
@@ -179,8 +180,9 @@ def test_the_freeze_button_holds_every_process(live: Live, driver: webdriver.Chr
     h = live.host.start("rl-agent", owner="alice")
     with live.host.using(h.id):
         h.sandbox.run("nohup sleep 300 > /dev/null 2>&1 &")
+    sleeper = process(h, "sleep 300")
     pids = h.sandbox.backend.processes(h.sandbox.id)
-    assert pids and not any(frozen(p) for p in pids)
+    assert sleeper in pids and not any(frozen(p) for p in pids)
     open_page(driver, live, ALICE)
     r = row(driver, h.id, "running")
     r.find_element(By.CSS_SELECTOR, 'button[data-act="freeze"]').click()
