@@ -191,3 +191,63 @@ def test_a_policy_that_denies_a_tool_hides_it_and_refuses_it(
         "(tools.deny)"
     )
     assert not (workspace / "x").exists()
+
+
+def test_over_http_each_session_gets_its_own_sandbox_closed_when_it_ends(
+    home: Path, workspace: Path
+) -> None:
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from mcp.client.streamable_http import streamable_http_client
+
+    from tests.serve.test_serve_cli import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "corral", "mcp", "--transport", "http", "--port", str(port)]
+    command += ["--workspace", str(workspace), "--home", str(home)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/mcp"
+
+    async def one_session(tag: str) -> tuple[str, str]:
+        async with (
+            streamable_http_client(url) as (read, write),
+            ClientSession(read, write) as s,
+        ):
+            await s.initialize()
+            a = await s.call_tool("run_command", {"command": f"export TAG={tag}; echo set"})
+            b = await s.call_tool("run_command", {"command": "echo tag=$TAG"})
+            return text(a), text(b)
+
+    async def main() -> list[tuple[str, str]]:
+        return [await one_session("first"), await one_session("second")]
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the server listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no server"
+                time.sleep(0.1)
+        first, second = run(main)
+        assert first == ("set\n[exit code 0]", "tag=first\n[exit code 0]")
+        # A new session, a new sandbox: nothing of the first session's shell is left.
+        assert second == ("set\n[exit code 0]", "tag=second\n[exit code 0]")
+        # Each client ended its session (DELETE) and its sandbox went with it, closed just
+        # after the DELETE was answered.
+        deadline = time.monotonic() + 60
+        while True:
+            events = [r.body.get("event") for r in records(home) if r.kind == "note"]
+            if events.count("sandbox closed") == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert events == ["sandbox created", "sandbox closed"] * 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err

@@ -4,7 +4,9 @@ session ends so that its sandbox can go with it)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -41,22 +43,44 @@ def serve(
     app: Any = server.streamable_http_app(host=host)
     if on_session_end is not None:
         app = _SessionEnds(app, on_session_end)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # uvicorn shuts down gracefully on a signal (the server's lifespan ends, closing what
+    # it opened), then raises the signal again for the handler it found installed: one
+    # that only notes it lets the command end with status 0 instead of dying by it.
+    caught: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda n, _f: caught.append(n))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 async def _stdio(server: Server[Any]) -> None:
-    async with anyio.create_task_group() as tg:
+    signalled = False
+    async with stdio_server() as (read, write):
+        async with anyio.create_task_group() as tg:
 
-        async def stop_on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
+            async def stop_on_signal() -> None:
+                nonlocal signalled
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        signalled = True
+                        tg.cancel_scope.cancel()
+                        return
 
-        tg.start_soon(stop_on_signal)
-        async with stdio_server() as (read, write):
+            tg.start_soon(stop_on_signal)
+            # Cancelled by a signal, the server still leaves its lifespan normally.
             await server.run(read, write, server.create_initialization_options())
-        tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
+        if signalled:
+            # The SDK reads stdin on a worker thread that no cancellation reaches, and
+            # leaving stdio_server() waits for it: for a line, or for the client to close
+            # the pipe. Everything the server opened is closed and recorded by now.
+            sys.stderr.flush()
+            os._exit(0)
 
 
 class _SessionEnds:
