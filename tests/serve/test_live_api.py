@@ -4,6 +4,7 @@ operator role, ``--local-only``'s guards, and the stream's bounds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -20,7 +21,7 @@ from corral.ledger import Ledger
 from corral.ledger.chain import LedgerRecord
 from corral.serve.auth import TokenError, Tokens
 from corral.serve.fleet import Caller, HostFleet, entry, live_event
-from corral.serve.live import CLIENT_QUEUE, Streams, sse
+from corral.serve.live import CLIENT_QUEUE, STREAMS_PER_USER, Streams, sse
 from corral.serve.server import serving
 from corral.watch.gpu import FakeGpuBackend, GpuProcess
 from corral.watch.watcher import Watcher
@@ -407,3 +408,22 @@ def test_usage_samples_carry_cpu_memory_and_gpu(tmp_path: Path) -> None:
         sampler.sample()
         (s,) = sampler.samples(h.id)
         assert s.gpu is None and s.cpu is None  # no GPU telemetry; no CPU rate yet
+
+
+def test_a_user_may_hold_only_so_many_streams(live: Live) -> None:
+    url = f"{live.url}{LIVE}/stream"
+    limits = httpx.Limits(max_connections=STREAMS_PER_USER + 4)
+    with httpx.Client(timeout=10, limits=limits) as client, contextlib.ExitStack() as pages:
+        readers = []  # held: dropping a reader closes its connection
+        for _ in range(STREAMS_PER_USER):
+            r = pages.enter_context(client.stream("GET", url, headers=auth(ALICE)))
+            readers.append(r.iter_lines())
+            assert next(readers[-1]).startswith("retry:")  # open, and counted
+        r = client.get(url, headers=auth(ALICE))
+        assert r.status_code == 429 and "streams open already" in r.json()["error"]
+        with client.stream("GET", url, headers=auth(BOB)) as r:
+            assert r.status_code == 200  # another user's pages are not affected
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

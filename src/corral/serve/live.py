@@ -39,6 +39,8 @@ PREFIX = "/apis/live/v1"
 # server notice a page that went away.
 HEARTBEAT_S = 15.0
 CLIENT_QUEUE = 512
+# Open streams per user: a few pages each, not one per loop iteration of a broken script.
+STREAMS_PER_USER = 16
 EVENTS_MAX = 500
 REASON_MAX = 500
 _STATIC = {
@@ -75,6 +77,10 @@ class Streams:
     def __len__(self) -> int:
         with self._lock:
             return len(self._clients)
+
+    def open_for(self, user: str) -> int:
+        with self._lock:
+            return sum(1 for c in self._clients if c.caller.user == user)
 
     def _publish(self, event: LiveEvent) -> None:
         with self._lock:
@@ -227,6 +233,10 @@ def mount(
 
     @app.get(f"{PREFIX}/stream")
     def stream(who: Who) -> StreamingResponse:
+        if streams.open_for(who.user) >= STREAMS_PER_USER:
+            raise _Refusal(
+                429, f"{who.user} has {STREAMS_PER_USER} live streams open already; close a page"
+            )
         return StreamingResponse(
             streams.events(who),
             media_type="text/event-stream",
