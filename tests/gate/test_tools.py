@@ -407,3 +407,11 @@ def test_a_policy_with_tool_rules_round_trips_through_yaml(tmp_path: Path) -> No
     assert again.hash == POL.hash
     rules = {r.id: r for r in again.spec.tools.rules}
     assert rules["db-limits"].json_schema == POLICY["tools"]["rules"][5]["schema"]
+
+
+def test_a_workspace_under_a_hidden_path_is_still_the_workspace() -> None:
+    # /root is hidden by every preset, yet the sandbox binds a workspace there over it.
+    ws = Path("/root/project-under-hidden-home")
+    assert call("corral/read_file", {"path": "src/a.py"}, ws, Policy.load("strict")).allowed
+    d = call("corral/read_file", {"path": "/root/.ssh/id_rsa"}, ws, Policy.load("strict"))
+    denied(d, "policy-hidden-path", category=Category.CREDENTIAL_ACCESS)

@@ -276,6 +276,9 @@ def _check_host_path(sb: Sandbox, path: str, *, write: bool) -> None:
     not covered and protected files are not bound read-only."""
     target = Path(os.path.normpath(sb.workspace / path))
     for hidden in sb.spec.hidden:
+        # The workspace is bound over what hides it (a workspace under /root is visible).
+        if hidden == sb.workspace or hidden in sb.workspace.parents:
+            continue
         if target == hidden or hidden in target.parents:
             raise files.UnsafePathError(f"{path} is hidden by the policy (filesystem.hidden)")
     if write:

@@ -112,6 +112,9 @@ class ToolGate:
             if p not in writable
         )
         self._home = home
+        # A workspace under a hidden path (/root/project) is still bound into the sandbox
+        # and visible there; what is inside it is then judged by the other rules alone.
+        self._ws_hidden = gate.hidden is not None and gate.hidden.match(ws) is not None
         self._names: dict[tuple[str, str], tuple[Finding | None, tuple[_Rule, ...]]] = {}
 
     # -- public -------------------------------------------------------------------------
@@ -275,7 +278,7 @@ class ToolGate:
         for p in dict.fromkeys((lexical, os.path.realpath(lexical))):
             via = "" if p == lexical else f" (through a symbolic link, {p})"
             hidden = self.gate.hidden.match(p) if self.gate.hidden is not None else None
-            if hidden:
+            if hidden and not (self._ws_hidden and _under(p, str(self.workspace))):
                 return Finding(
                     Verdict.DENY,
                     "policy-hidden-path",
