@@ -3,6 +3,7 @@ SDK's own client over stdio, with the server started as a process."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,12 @@ async def corral_session(home: Path, *args: str) -> AsyncIterator[ClientSession]
         ):
             await session.initialize()
             yield session
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run(main: Callable[[], Awaitable[_T]]) -> _T:

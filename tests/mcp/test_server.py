@@ -8,7 +8,7 @@ import pytest
 
 from mcp import ClientSession
 from tests.cli import corral
-from tests.mcp.client import corral_session, records, run, text, tool_decisions
+from tests.mcp.client import corral_session, free_port, records, run, text, tool_decisions
 
 SSH_TUNNEL = "ssh -fN -R 2222:localhost:22 ops@203.0.113.7"
 
@@ -203,8 +203,6 @@ def test_over_http_each_session_gets_its_own_sandbox_closed_when_it_ends(
     import time
 
     from mcp.client.streamable_http import streamable_http_client
-
-    from tests.serve.test_serve_cli import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "corral", "mcp", "--transport", "http", "--port", str(port)]
