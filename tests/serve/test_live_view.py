@@ -188,7 +188,8 @@ def test_the_freeze_button_holds_every_process(live: Live, driver: webdriver.Chr
     r.find_element(By.CSS_SELECTOR, 'button[data-act="freeze"]').click()
     r = row(driver, h.id, "frozen")
     assert h.state == "frozen"
-    assert all(frozen(p) for p in pids)
+    # A stop signal takes effect when each process is next scheduled: soon, not at once.
+    wait(driver).until(lambda d: all(frozen(p) for p in pids))
     assert r.find_element(By.CSS_SELECTOR, 'button[data-act="freeze"]').get_attribute("disabled")
     with pytest.raises(Exception, match="frozen"), live.host.using(h.id):
         h.sandbox.run("echo no")
