@@ -159,7 +159,7 @@ from corral.ledger import Ledger
 host = Host(ledger=Ledger.open(sys.argv[2]), root=sys.argv[1], reap_every=0)
 h = host.start("strict")
 h.sandbox.run("sleep 1000.3125 > /dev/null 2>&1 &")
-print(h.sandbox.id, h.workspace, flush=True)
+print(h.id, h.sandbox.id, h.workspace, flush=True)
 time.sleep(1000)
 """
 
@@ -181,7 +181,7 @@ def test_a_host_killed_with_sigkill_leaves_nothing_once_the_next_one_starts(
         text=True,
     )
     assert proc.stdout is not None
-    sandbox_id, workspace = proc.stdout.readline().split()
+    hosted_id, sandbox_id, workspace = proc.stdout.readline().split()
     cgroups = [
         os.path.join(r, d)
         for r, ds, _ in os.walk("/sys/fs/cgroup")
@@ -201,7 +201,7 @@ def test_a_host_killed_with_sigkill_leaves_nothing_once_the_next_one_starts(
     with Ledger.open(tmp_path / "l.db") as ledger:
         nxt = Host(ledger=ledger, root=root, reap_every=0)
         try:
-            assert nxt.reaped == [sandbox_id]
+            assert nxt.reaped == [hosted_id]
             assert not any(Path(c).exists() for c in cgroups) and not Path(workspace).exists()
             with Host(ledger=ledger, root=root, reap_every=0) as again:
                 assert again.reaped == []  # once only
@@ -209,4 +209,4 @@ def test_a_host_killed_with_sigkill_leaves_nothing_once_the_next_one_starts(
             nxt.close()
         assert ledger.verify().ok
         notes = [r.body for r in ledger.records(kinds="note")]
-        assert any(n.get("sandbox_ids") == [sandbox_id] for n in notes)
+        assert any(n.get("sandbox_ids") == [hosted_id] for n in notes)

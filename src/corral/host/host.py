@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -159,8 +158,12 @@ class Host:
             # Claimed now, so a second start with the same id fails instead of racing.
             self._claimed.add(sid)
         workspace: Path | None = None
+        marker: Path | None = None
         try:
-            workspace = Path(tempfile.mkdtemp(prefix=f"{sid}-", dir=self.root))
+            # Noted before it exists, so a kill at any moment leaves nothing unnoted.
+            workspace = self.root / f"{sid}-{new_id()[:8]}"
+            marker = orphans.mark(self.root, sid, workspace)
+            workspace.mkdir(mode=0o700)
             if prof.workspace is not None:
                 shutil.copytree(prof.workspace, workspace, symlinks=True, dirs_exist_ok=True)
             all_labels = {**(labels or {}), "owner": owner, "sandbox": sid, "profile": prof.name}
@@ -183,9 +186,12 @@ class Host:
                 self._claimed.discard(sid)
             if workspace is not None:
                 shutil.rmtree(workspace, ignore_errors=True)
+            if marker is not None:
+                orphans.unmark(marker)
             raise
         hosted = Hosted(sid, prof, owner, all_labels, sb, workspace, idle_ttl)
-        hosted.marker = orphans.mark(self.root, sb.id, workspace)
+        # Its cgroup is made on its first command, after this names it.
+        hosted.marker = orphans.mark(self.root, sid, workspace, sb.id)
         with self._lock:
             self._claimed.discard(sid)
             self._sandboxes[sid] = hosted
@@ -214,6 +220,12 @@ class Host:
                     labels=labels,
                 )
             )
+            # A detector that kills the whole sandbox stops it from inside, not through
+            # the host: say so as the host would, so listeners see every stop.
+            if kind == "note" and body.get("event") == "sandbox stopped":
+                hosted = self._sandboxes.get(sid)
+                if hosted is not None and hosted.stopped is None:
+                    self._lifecycle(hosted, STOPPED, {"reason": body.get("reason")})
 
         return publish
 

@@ -2,9 +2,9 @@
 
 A host killed with SIGKILL (the OOM killer, ``kill -9``, a Ray node's actor killed) runs
 no cleanup. Its sandboxes' processes die with it (bubblewrap's ``--die-with-parent``),
-but their cgroup directories and workspaces stay. So each running sandbox has a marker in
-the host's root, ``.live/<id>.json``: the host's pid and start time, the sandbox's cgroup
-directories and its workspace. A clean stop removes the marker; a host starting in the
+but their cgroup directories and workspaces stay. So each sandbox has a marker in the
+host's root, ``.live/<id>.json``, written before its workspace is made: the host's pid and
+start time, the sandbox's workspace and, once it has one, its cgroup directories. A clean stop removes the marker; a host starting in the
 same root removes whatever markers name a host that is no longer running, killing
 anything still in those cgroups first.
 """
@@ -31,14 +31,16 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def mark(root: Path, sandbox_id: str, workspace: Path) -> Path:
-    """Note a running sandbox; returns the marker (``unmark`` it on a clean stop)."""
-    cg = Cgroup.planned(sandbox_id)
-    marker = root / _DIR / f"{sandbox_id}.json"
+def mark(root: Path, hosted_id: str, workspace: Path, sandbox_id: str | None = None) -> Path:
+    """Note a sandbox the host is making (``sandbox_id`` None: its workspace only, so
+    far) or runs; returns the marker (``unmark`` it on a clean stop)."""
+    cg = Cgroup.planned(sandbox_id) if sandbox_id else None
+    marker = root / _DIR / f"{hosted_id}.json"
     marker.parent.mkdir(mode=0o700, exist_ok=True)
     body = {
         "pid": os.getpid(),
         "start": _start_time(os.getpid()),
+        "sandbox_id": sandbox_id,
         "version": cg.version if cg else None,
         "cgroups": [str(d) for d in cg.dirs] if cg else [],
         "workspace": str(workspace),
@@ -54,7 +56,7 @@ def unmark(marker: Path) -> None:
 
 
 def reap(root: Path) -> list[str]:
-    """Remove what dead hosts left in ``root``; the ids of the sandboxes reaped."""
+    """Remove what dead hosts left in ``root``; the host's ids of the sandboxes reaped."""
     reaped = []
     for marker in sorted((root / _DIR).glob("*.json")):
         try:

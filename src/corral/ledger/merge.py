@@ -3,7 +3,8 @@
 Each host of a cluster keeps its own ledger (one writer per file, no shared database to
 lose). Merging does not copy anything: every ledger's chain is checked on its own, and
 the records are interleaved by time, each tagged with the host (the file's name) it came
-from, so one run's timeline across many machines reads as one.
+from, so one run's timeline across many machines reads as one. The files are streamed,
+never loaded whole.
 """
 
 from __future__ import annotations
@@ -65,15 +66,17 @@ class MergedLedger:
     def records(
         self, *, run_id: str | None = None, kinds: Iterable[str] | str | None = None
     ) -> Iterator[HostRecord]:
-        """Every host's records, by time (then host, then seq), optionally one run's."""
+        """Every host's records, optionally one run's: each host's in its own order
+        (its chain's), the hosts interleaved by time. A record's time is when its event
+        happened, which can be a moment before an earlier-written record's, so a host's
+        order is kept rather than re-sorted."""
         kinds = list(kinds) if kinds is not None and not isinstance(kinds, str) else kinds
-        streams = [
-            (
-                (r.ts, name, r.seq, HostRecord(name, r))
-                for r in led.records(run_id=run_id, kinds=kinds)
-            )
-            for name, led in self.hosts.items()
-        ]
+
+        def stream(name: str, led: Ledger) -> Iterator[tuple[float, str, int, HostRecord]]:
+            for r in led.records(run_id=run_id, kinds=kinds):
+                yield r.ts, name, r.seq, HostRecord(name, r)
+
+        streams = [stream(name, led) for name, led in self.hosts.items()]
         for *_, rec in heapq.merge(*streams, key=lambda t: t[:3]):
             yield rec
 

@@ -519,8 +519,7 @@ class _Target:
             if match.response == "kill-process" and match.pid is not None:
                 sb.backend.kill_tree(self.id, match.pid)
             elif match.response in ("kill-sandbox", "end-episode"):
-                sb.stopped = reason
-                sb.backend.stop(self.id, reason)
+                self.stop(reason)
             elif match.response == "freeze":
                 sb.stopped = f"frozen for inspection: {reason}"
                 sb.backend.freeze(self.id, reason)
