@@ -20,9 +20,10 @@ from corral.host.usage import UsageSampler
 from corral.ledger import Ledger
 from corral.ledger.chain import LedgerRecord
 from corral.serve.auth import TokenError, Tokens
-from corral.serve.fleet import Caller, HostFleet, entry, live_event
+from corral.serve.fleet import Caller, HostFleet
 from corral.serve.live import CLIENT_QUEUE, STREAMS_PER_USER, Streams, sse
 from corral.serve.server import serving
+from corral.serve.timeline import entry, incident, live_event
 from corral.watch.gpu import FakeGpuBackend, GpuProcess
 from corral.watch.watcher import Watcher
 from tests.serve.live import ALICE, BOB, LIVE, ONCALL, Live, live_server, process
@@ -427,3 +428,44 @@ def test_a_user_may_hold_only_so_many_streams(live: Live) -> None:
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def test_an_incident_keeps_its_action_and_what_its_sandbox_did_next() -> None:
+    def rec(seq: int, kind: str, body: dict[str, Any], action: str | None = None) -> LedgerRecord:
+        return LedgerRecord(seq, float(seq), kind, "run-1", 3, 9, action, None, body, "", "")
+
+    mine = {"labels": {"owner": "alice", "sandbox": "sb-1"}}
+    other = {"labels": {"owner": "bob", "sandbox": "sb-2"}}
+    decision = rec(
+        4,
+        "decision",
+        {
+            **mine,
+            "action": {"payload": {"command": "nohup ./x &"}},
+            "decision": {"decision": "allow"},
+        },
+        "a1",
+    )
+    alert = rec(9, "alert", {**mine, "category": "mining", "detector": "d"}, "a1")
+    after = [
+        rec(10, "note", {**other, "event": "sandbox stopped", "reason": "theirs"}),
+        rec(11, "note", {**mine, "event": "file written", "path": "x"}),
+        rec(12, "note", {**mine, "event": "sandbox frozen", "reason": "look", "by": "oncall"}),
+    ]
+    tl = incident("node-1", alert, [decision, alert], after, limit=400)
+    assert (tl.sandbox, tl.owner, tl.run_id, tl.episode, tl.step) == (
+        "sb-1",
+        "alice",
+        "run-1",
+        3,
+        9,
+    )
+    assert tl.command == "nohup ./x &" and tl.action_id == "a1" and not tl.truncated
+    assert [(e.seq, e.label) for e in tl.entries] == [
+        (4, "gate allow"),
+        (9, "ALERT"),
+        (12, "frozen"),
+    ]
+    assert tl.entries[-1].text == "sandbox frozen: look (by oncall)"
+    cut = incident("node-1", alert, [decision, decision], [], limit=1)
+    assert cut.truncated and [e.seq for e in cut.entries] == [4, 9]  # the record itself stays

@@ -32,7 +32,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from corral.host.metrics import CONTENT_TYPE, HostMetrics
 from corral.serve.auth import LOCAL_USER, Tokens, token_from
-from corral.serve.fleet import Caller, Fleet, LiveEvent, NotRunning, NotVisible
+from corral.serve.fleet import Caller, Fleet, NotRunning, NotVisible
+from corral.serve.timeline import LiveEvent
 
 PREFIX = "/apis/live/v1"
 # A comment line this often keeps proxies from closing an idle stream and lets the

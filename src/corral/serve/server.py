@@ -56,10 +56,10 @@ class _Server(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
-        self.app = app
+        self.live_app = app
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        streams = self.app.state.streams
+        streams = self.live_app.state.streams
         if streams is not None:
             streams.close()
         await super().shutdown(sockets)
