@@ -187,14 +187,14 @@ def test_local_only_needs_no_token_but_a_loopback_name(tmp_path: Path) -> None:
         assert r.status_code == 200 and [s["id"] for s in r.json()["sandboxes"]] == [h.id]
         assert httpx.get(f"{url}{LIVE}/hosts").json()["local_only"] is True
         # A page on another name that resolves here (DNS rebinding) is refused.
-        for name in ("evil.example", "evil.example:80", "192.168.1.5"):
+        for name in ("evil.example", "evil.example:80", "192.168.1.5", "127.evil.example"):
             r = httpx.get(f"{url}{LIVE}/sandboxes", headers={"Host": name})
             assert r.status_code == 403 and "loopback" in r.json()["error"]
             r = httpx.post(f"{url}{LIVE}/sandboxes/{h.id}/kill", json={}, headers={"Host": name})
             assert r.status_code == 403
         assert h.state == "running"
         port = url.rsplit(":", 1)[1]
-        for name in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        for name in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "127.0.0.2"):
             assert httpx.get(f"{url}{LIVE}/hosts", headers={"Host": name}).status_code == 200
 
 

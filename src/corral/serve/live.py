@@ -20,6 +20,7 @@ reloads the recent events instead.
 # runtime, and some name types local to mount().
 import asyncio
 import contextlib
+import ipaddress
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -57,7 +58,6 @@ _HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
-_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
 class _Refusal(Exception):
@@ -168,7 +168,7 @@ def mount(
     def caller(request: Request) -> Caller:
         if tokens is None:
             name = _host_name(request.headers.get("host", ""))
-            if name not in _LOOPBACK_NAMES and not name.startswith("127."):
+            if not _loopback_name(name):
                 raise _Refusal(
                     403,
                     f"--local-only answers loopback names only, not {name!r}: open "
@@ -294,6 +294,17 @@ def _host_name(header: str) -> str:
     if header.startswith("["):
         return header[: header.find("]") + 1]
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _loopback_name(name: str) -> bool:
+    """``localhost`` or a loopback address; not a name that merely starts like one
+    (``127.attacker.example`` resolves wherever its owner likes)."""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _static(name: str) -> bytes:
