@@ -159,6 +159,10 @@ from corral.ledger import Ledger
 host = Host(ledger=Ledger.open(sys.argv[2]), root=sys.argv[1], reap_every=0)
 h = host.start("strict")
 h.sandbox.run("sleep 1000.3125 > /dev/null 2>&1 &")
+# One caught between its start and its cgroup: in none, and it outlives its parent.
+import subprocess
+ws = str(h.workspace)
+subprocess.Popen(["bwrap", "--unshare-pid", "--ro-bind", "/", "/", "--bind", ws, ws, "--", "sleep", "1000.6875"])
 print(h.id, h.sandbox.id, h.workspace, flush=True)
 time.sleep(1000)
 """
@@ -198,11 +202,16 @@ def test_a_host_killed_with_sigkill_leaves_nothing_once_the_next_one_starts(
         time.sleep(0.05)
     assert not running("sleep 1000.3125")
     assert all(Path(c).exists() for c in cgroups) and Path(workspace).exists()
+    assert running("sleep 1000.6875")
     with Ledger.open(tmp_path / "l.db") as ledger:
         nxt = Host(ledger=ledger, root=root, reap_every=0)
         try:
             assert nxt.reaped == [hosted_id]
             assert not any(Path(c).exists() for c in cgroups) and not Path(workspace).exists()
+            deadline = time.monotonic() + 5
+            while running("sleep 1000.6875") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not running("sleep 1000.6875")
             with Host(ledger=ledger, root=root, reap_every=0) as again:
                 assert again.reaped == []  # once only
         finally:

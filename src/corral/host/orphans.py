@@ -6,7 +6,7 @@ but their cgroup directories and workspaces stay. So each sandbox has a marker i
 host's root, ``.live/<id>.json``, written before its workspace is made: the host's pid and
 start time, the sandbox's workspace and, once it has one, its cgroup directories. A clean stop removes the marker; a host starting in the
 same root removes whatever markers name a host that is no longer running, killing
-anything still in those cgroups first.
+anything still in those cgroups, or still binding those workspaces, first.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from corral.sandbox.cgroups import Cgroup, Limits
@@ -51,6 +52,22 @@ def mark(root: Path, hosted_id: str, workspace: Path, sandbox_id: str | None = N
     return marker
 
 
+def _kill_bubblewraps(workspace: str) -> None:
+    """SIGKILL every bubblewrap that binds ``workspace``. One caught between its start
+    and its move into the sandbox's cgroup is in no cgroup to kill, and its inner
+    process (pid 1 of the sandbox) can outlive the host that started it."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            args = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and os.path.basename(args[0]) == b"bwrap" and workspace.encode() in args:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(p.name), signal.SIGKILL)
+
+
 def unmark(marker: Path) -> None:
     marker.unlink(missing_ok=True)
 
@@ -66,6 +83,9 @@ def reap(root: Path) -> list[str]:
         pid, start = body.get("pid"), body.get("start")
         if isinstance(pid, int) and start is not None and _start_time(pid) == start:
             continue  # its host still runs
+        workspace = body.get("workspace")
+        if isinstance(workspace, str):
+            _kill_bubblewraps(workspace)
         dirs = [Path(d) for d in body.get("cgroups") or []]
         version = body.get("version")
         existing = [d for d in dirs if d.is_dir()]
@@ -74,7 +94,6 @@ def reap(root: Path) -> list[str]:
                 version, existing, Limits(0, 0, 0), [d / "cgroup.procs" for d in existing]
             )
             leftover.remove()
-        workspace = body.get("workspace")
         if isinstance(workspace, str) and Path(workspace).parent == root:
             shutil.rmtree(workspace, ignore_errors=True)
         with contextlib.suppress(OSError):

@@ -1,0 +1,166 @@
+"""Pool benchmark: sandboxes through ``corral.ray.SandboxPool`` against the local host.
+
+    python bench/pool_bench.py [-n 1000] [--concurrency 64] [--nodes 2]
+
+Prints, measured in one run on this machine:
+- ``-n`` sandboxes created and their first command run (``echo ok``), ``--concurrency``
+  at a time, through the pool on a local Ray cluster of ``--nodes`` logical nodes
+  (asyncio: ``astart`` then ``arun``), against the same through ``Host`` directly in
+  this process (threads: ``start`` then ``run``): wall time, rate, and the ratio;
+- memory per idle sandbox (its shell started, nothing running): the proportional set
+  size (PSS, shared pages split between their users) of the host processes and every
+  sandbox process, with all ``-n`` sandboxes up, less the same with none, over ``-n``;
+  for the pool and for the local host.
+
+The Ray cluster's own start-up is not counted. Each side uses the same profile, gate and
+auditor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback
+
+COMMAND = "echo ok"
+PROFILE = "python:3.11"
+SMALL = {"cpus": 0.05, "memory": 256 << 20}
+
+
+def _pss(pids: Iterable[int]) -> int:
+    """Bytes of proportional set size of these processes and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p.name))
+    todo, seen, total = list(pids), set(), 0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def local(n: int, concurrency: int, tmp: Path) -> tuple[float, float]:
+    from corral.host import Host
+    from corral.ledger import Ledger
+
+    with (
+        Ledger.open(tmp / "local.db") as ledger,
+        Host(ledger=ledger, root=tmp / "local", reap_every=0) as host,
+    ):
+        warm = host.start(PROFILE, **SMALL)  # type: ignore[arg-type]
+        warm.sandbox.run(COMMAND)
+        host.delete(warm.id)
+        base = _pss([os.getpid()])
+
+        def one(_: int) -> str:
+            h = host.start(PROFILE, **SMALL)  # type: ignore[arg-type]
+            assert h.sandbox.run(COMMAND).stdout == "ok\n"
+            return h.id
+
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as ex:
+            ids = list(ex.map(one, range(n)))
+        wall = time.perf_counter() - t0
+        per = (_pss([os.getpid()]) - base) / n
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as ex:
+            list(ex.map(host.delete, ids))
+    return wall, per
+
+
+def pool(n: int, concurrency: int, nodes: int, tmp: Path) -> tuple[float, float]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from corral.ray import SandboxPool
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(nodes):
+        c.add_node(num_cpus=256, memory=256 << 30, object_store_memory=200 << 20)
+    ray.init(address=c.address, log_to_driver=False, include_dashboard=False)
+    c.wait_for_nodes()
+    try:
+        with SandboxPool(name="bench", state_dir=tmp / "pool", max_concurrency=128) as p:
+            pids = [ray.get(p.actor(h["name"]).info.remote())["pid"] for h in p.hosts()]
+
+            async def warm() -> None:
+                sbs = [await p.astart(PROFILE, **SMALL) for _ in range(nodes * 2)]  # type: ignore[arg-type]
+                for sb in sbs:
+                    await sb.arun(COMMAND)
+                    await sb.aclose()
+
+            asyncio.run(warm())
+            base = _pss(pids)
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one() -> object:
+                async with gate:
+                    sb = await p.astart(PROFILE, **SMALL)  # type: ignore[arg-type]
+                    r = await sb.arun(COMMAND)
+                    assert r.stdout == "ok\n", r
+                    return sb
+
+            async def all_of_them() -> list[object]:
+                nonlocal gate
+                gate = asyncio.Semaphore(concurrency)
+                return list(await asyncio.gather(*(one() for _ in range(n))))
+
+            t0 = time.perf_counter()
+            sbs = asyncio.run(all_of_them())
+            wall = time.perf_counter() - t0
+            per = (_pss(pids) - base) / n
+
+            async def close_all() -> None:
+                await asyncio.gather(*(sb.aclose() for sb in sbs))  # type: ignore[attr-defined]
+
+            asyncio.run(close_all())
+    finally:
+        ray.shutdown()
+        c.shutdown()
+    return wall, per
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=1000, help="sandboxes per side")
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--nodes", type=int, default=2, help="logical Ray nodes")
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        lw, lmem = local(args.n, args.concurrency, Path(tmp))
+        pw, pmem = pool(args.n, args.concurrency, args.nodes, Path(tmp))
+    print(
+        f"pool bench: {args.n} sandboxes, first command '{COMMAND}', {args.concurrency} at a time"
+    )
+    print(f"  local host : {lw:7.2f} s  {args.n / lw:7.1f} sandboxes/s")
+    print(f"  Ray pool   : {pw:7.2f} s  {args.n / pw:7.1f} sandboxes/s  ({args.nodes} nodes)")
+    print(f"  ratio pool/local wall time: {pw / lw:.2f}x  (rate {lw / pw:.2f}x of local)")
+    print(
+        f"  memory per idle sandbox (PSS): pool {pmem / 2**20:.2f} MiB, local {lmem / 2**20:.2f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
