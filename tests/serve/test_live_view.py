@@ -47,6 +47,7 @@ def driver() -> Iterator[webdriver.Chrome]:
     ):
         options.add_argument(arg)
     options.binary_location = "/usr/bin/chromium"
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver, so Selenium Manager never looks for one on the network.
     d = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
     try:
@@ -128,6 +129,10 @@ def test_a_miner_started_through_the_api_is_on_the_page_within_two_seconds(
     wait(driver).until(lambda d: r.find_element(By.CSS_SELECTOR, "td.alerts").text == "1")
     assert r.find_elements(By.CSS_SELECTOR, "td.cpu svg.spark polyline")
     assert r.find_elements(By.CSS_SELECTOR, "td.mem svg.spark polyline")
+
+    # The page's script ran without an error.
+    errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
 
     path = ARTIFACTS / "live-view.png"
     path.unlink(missing_ok=True)

@@ -155,29 +155,31 @@
   }
 
   // ------------------------------------------------------------------ sandboxes
-  function spark(values, max, cls) {
-    const w = 90, h = 22;
+  // A minute on a fixed time axis, newest at the right edge: a sandbox that started a few
+  // seconds ago draws a short line at the right, not a stretched one.
+  function spark(times, values, max, cls) {
+    const w = 90, h = 22, span = 60;
+    const newest = times.length ? times[times.length - 1] : 0;
     const svg = document.createElementNS(SVG, "svg");
     svg.setAttribute("class", `spark ${cls}`);
     svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
     svg.setAttribute("preserveAspectRatio", "none");
-    const n = values.length;
     const pts = [];
     values.forEach((v, i) => {
       if (v === null || v === undefined) return;
-      const x = n > 1 ? (i * w) / (n - 1) : w;
+      const x = Math.max(0, w - ((newest - times[i]) / span) * w);
       const y = h - 1 - (Math.min(v, max) / max) * (h - 2);
       pts.push(`${x.toFixed(1)},${y.toFixed(1)}`);
     });
-    if (pts.length === 1) pts.unshift(`0,${pts[0].split(",")[1]}`);
+    if (pts.length === 1) pts.unshift(`${w - 2},${pts[0].split(",")[1]}`);
     const line = document.createElementNS(SVG, "polyline");
     line.setAttribute("points", pts.join(" "));
     svg.append(line);
     return svg;
   }
 
-  function metricCell(td, values, max, cls, text) {
-    td.replaceChildren(el("span", { class: "metric" }, spark(values, max, cls), el("span", { class: "val", text })));
+  function metricCell(td, times, values, max, cls, text) {
+    td.replaceChildren(el("span", { class: "metric" }, spark(times, values, max, cls), el("span", { class: "val", text })));
   }
 
   function newRow(sb) {
@@ -205,17 +207,18 @@
     cells("alerts").replaceChildren(el("span", { class: `alerts-n${sb.alerts ? " some" : ""}`, text: String(sb.alerts) }));
     const s = sb.samples || [];
     const last = s.length ? s[s.length - 1] : null;
+    const times = s.map((x) => x[0]);
     const cpu = s.map((x) => x[1]);
-    metricCell(cells("cpu"), cpu, Math.max(sb.cpus || 1, 0.1), "cpu",
+    metricCell(cells("cpu"), times, cpu, Math.max(sb.cpus || 1, 0.1), "cpu",
       last && last[1] !== null ? `${last[1].toFixed(2)} cores` : "–");
     const mem = s.map((x) => x[2]);
     const memMax = Math.max(16 * 1024 * 1024, ...mem.filter((v) => v !== null).map((v) => v * 1.15));
-    metricCell(cells("mem"), mem, memMax, "mem", last ? bytes(last[2]) : "–");
+    metricCell(cells("mem"), times, mem, memMax, "mem", last ? bytes(last[2]) : "–");
     const gpu = s.map((x) => x[3]);
     if (!s.length || gpu.every((v) => v === null)) {
       cells("gpu").replaceChildren(el("span", { class: "none", text: "none", title: "no GPU telemetry on this host" }));
     } else {
-      metricCell(cells("gpu"), gpu, 100, "gpu", last && last[3] !== null ? `${Math.round(last[3])} %` : "–");
+      metricCell(cells("gpu"), times, gpu, 100, "gpu", last && last[3] !== null ? `${Math.round(last[3])} %` : "–");
     }
     tr.querySelector('button[data-act="freeze"]').disabled = sb.state !== "running";
     tr.querySelector('button[data-act="kill"]').disabled = sb.state === "stopped";
