@@ -8,9 +8,9 @@ Prints, measured in one run on this machine:
   (asyncio: ``astart`` then ``arun``), against the same through ``Host`` directly in
   this process (threads: ``start`` then ``run``): wall time, rate, and the ratio;
 - memory per idle sandbox (its shell started, nothing running): the proportional set
-  size (PSS, shared pages split between their users) of the host processes and every
-  sandbox process, with all ``-n`` sandboxes up, less the same with none, over ``-n``;
-  for the pool and for the local host.
+  size (PSS, shared pages split between their users) of the host processes (the pool's
+  host actors; for the local host, this process) plus every process in the sandboxes'
+  cgroups, with all ``-n`` sandboxes up, less the hosts' with none, over ``-n``.
 
 The Ray cluster's own start-up is not counted. Each side uses the same profile, gate and
 auditor.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import tempfile
@@ -35,30 +36,42 @@ PROFILE = "python:3.11"
 SMALL = {"cpus": 0.05, "memory": 256 << 20}
 
 
-def _pss(pids: Iterable[int]) -> int:
-    """Bytes of proportional set size of these processes and all their descendants."""
-    children: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(p.name))
-    todo, seen, total = list(pids), set(), 0
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        todo += children.get(pid, [])
+def _pss_of(pids: Iterable[int]) -> int:
+    """Bytes of proportional set size (shared pages split between their users)."""
+    total = 0
+    for pid in set(pids):
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
         except OSError:
-            pass
+            pass  # gone since
     return total
+
+
+def _sandbox_pids(ids: set[str]) -> list[int]:
+    """Every process in these sandboxes' cgroups (bubblewrap, its init, the shell)."""
+    pids: list[int] = []
+    for root, dirs, _ in os.walk("/sys/fs/cgroup/pids"):
+        for d in dirs:
+            if d.startswith("corral-") and d[len("corral-") :] in ids:
+                with contextlib.suppress(OSError):
+                    procs = Path(root, d, "cgroup.procs").read_text().split()
+                    pids += [int(x) for x in procs]
+        dirs[:] = [d for d in dirs if not d.startswith("corral-")]
+    if not pids:
+        for root, dirs, _ in os.walk("/sys/fs/cgroup"):  # v2: one hierarchy
+            for d in dirs:
+                if d.startswith("corral-") and d[len("corral-") :] in ids:
+                    with contextlib.suppress(OSError):
+                        procs = Path(root, d, "cgroup.procs").read_text().split()
+                        pids += [int(x) for x in procs]
+    return pids
+
+
+def _footprint(hosts: list[int], ids: set[str]) -> int:
+    """The hosts' own memory and their sandboxes' processes'."""
+    return _pss_of(hosts) + _pss_of(_sandbox_pids(ids))
 
 
 def local(n: int, concurrency: int, tmp: Path) -> tuple[float, float]:
@@ -72,7 +85,7 @@ def local(n: int, concurrency: int, tmp: Path) -> tuple[float, float]:
         warm = host.start(PROFILE, **SMALL)  # type: ignore[arg-type]
         warm.sandbox.run(COMMAND)
         host.delete(warm.id)
-        base = _pss([os.getpid()])
+        base = _footprint([os.getpid()], set())
 
         def one(_: int) -> str:
             h = host.start(PROFILE, **SMALL)  # type: ignore[arg-type]
@@ -83,7 +96,8 @@ def local(n: int, concurrency: int, tmp: Path) -> tuple[float, float]:
         with concurrent.futures.ThreadPoolExecutor(concurrency) as ex:
             ids = list(ex.map(one, range(n)))
         wall = time.perf_counter() - t0
-        per = (_pss([os.getpid()]) - base) / n
+        inner = {host.get(i).sandbox.id for i in ids}
+        per = (_footprint([os.getpid()], inner) - base) / n
         with concurrent.futures.ThreadPoolExecutor(concurrency) as ex:
             list(ex.map(host.delete, ids))
     return wall, per
@@ -111,7 +125,7 @@ def pool(n: int, concurrency: int, nodes: int, tmp: Path) -> tuple[float, float]
                     await sb.aclose()
 
             asyncio.run(warm())
-            base = _pss(pids)
+            base = _footprint(pids, set())
             gate = asyncio.Semaphore(concurrency)
 
             async def one() -> object:
@@ -129,7 +143,8 @@ def pool(n: int, concurrency: int, nodes: int, tmp: Path) -> tuple[float, float]
             t0 = time.perf_counter()
             sbs = asyncio.run(all_of_them())
             wall = time.perf_counter() - t0
-            per = (_pss(pids) - base) / n
+            inner = {sb.sandbox_id for sb in sbs}  # type: ignore[attr-defined]
+            per = (_footprint(pids, inner) - base) / n
 
             async def close_all() -> None:
                 await asyncio.gather(*(sb.aclose() for sb in sbs))  # type: ignore[attr-defined]

@@ -85,3 +85,22 @@ def test_closing_waits_for_every_process_in_the_namespace(tmp_path: Path) -> Non
     assert running("sleep 1000.5") == []
     with pytest.raises(OSError):
         os.fstat(init)  # the pidfd was released
+
+
+def test_a_sandbox_started_from_a_thread_outlives_the_thread(tmp_path: Path) -> None:
+    # The parent-death signal behind --die-with-parent follows the thread that forked;
+    # a sandbox started from a worker thread must not die when that thread retires.
+    import threading
+
+    with Ledger.memory() as led, Sandbox(OPEN_GATE, tmp_path, ledger=led) as sb:
+        first: list[str] = []
+
+        def step() -> None:
+            first.append(sb.run("sleep 1000.5625 > /dev/null 2>&1 & echo $$").stdout)
+
+        t = threading.Thread(target=step)
+        t.start()
+        t.join()
+        assert running("sleep 1000.5625")  # the background job the thread started
+        assert sb.run("echo $$").stdout == first[0]  # the same shell, still there
+    assert not running("sleep 1000.5625")

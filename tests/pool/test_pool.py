@@ -198,6 +198,31 @@ def test_alerts_stream_back_to_the_driver_as_they_happen(pool: SandboxPool) -> N
     streamed = next(e for e in seen if e["kind"] == "alert")
     assert streamed["host"] == sb.host and streamed["labels"]["pool"] == "t"
     sb.close()
+    time.sleep(1.5)  # the host's delete, streamed like the rest
+    stops = [e for e in seen if e.get("sandbox") == sb.id and e["kind"] == "sandbox stopped"]
+    assert len(stops) == 1  # told once, though the detector and then the close both stopped it
+
+
+def test_every_host_reports_its_metrics(pool: SandboxPool) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sbs = [pool.start(**SMALL) for _ in range(2)]  # type: ignore[arg-type]
+    for sb in sbs:
+        sb.run("echo counted")
+        sb.run("ssh -R 9000:localhost:22 user@203.0.113.9")
+    got = pool.metrics()
+    assert set(got) == {"host-0", "host-1"}
+    for text in got.values():
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text.decode())
+            for s in fam.samples
+        }
+        assert samples[("corral_execs_total", ())] >= 1
+        denied = [v for (n, lab), v in samples.items() if n == "corral_denials_total"]
+        assert sum(denied) >= 1
+    for sb in sbs:
+        sb.close()
 
 
 def test_the_async_interface_runs_many_at_once(pool: SandboxPool) -> None:

@@ -61,6 +61,7 @@ class Hosted:
     stopped_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     marker: Path | None = None  # orphans.mark's note, removed on a clean stop
+    announced_stop: bool = False  # listeners were told it stopped (once is enough)
 
     @property
     def alive(self) -> bool:
@@ -224,7 +225,8 @@ class Host:
             # the host: say so as the host would, so listeners see every stop.
             if kind == "note" and body.get("event") == "sandbox stopped":
                 hosted = self._sandboxes.get(sid)
-                if hosted is not None and hosted.stopped is None:
+                if hosted is not None and hosted.stopped is None and not hosted.announced_stop:
+                    hosted.announced_stop = True
                     self._lifecycle(hosted, STOPPED, {"reason": body.get("reason")})
 
         return publish
@@ -324,7 +326,11 @@ class Host:
             shutil.rmtree(hosted.workspace, ignore_errors=True)
             if hosted.marker is not None:
                 orphans.unmark(hosted.marker)
-            self._lifecycle(hosted, STOPPED, {k: note[k] for k in ("reason", "by") if k in note})
+            if not hosted.announced_stop:
+                hosted.announced_stop = True
+                self._lifecycle(
+                    hosted, STOPPED, {k: note[k] for k in ("reason", "by") if k in note}
+                )
 
     def freeze(
         self,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.host import STARTED, STOPPED, Host, HostEvent, ProfileRegistry
+from corral.host.metrics import HostMetrics
 from corral.ledger import Ledger
 from corral.sandbox import Result
 
@@ -60,6 +61,7 @@ class HostService:
         self._seq = 0
         self._cond = threading.Condition()
         self.host.subscribe(self._on_event)
+        self._metrics = HostMetrics(self.host)
 
     def _on_event(self, event: HostEvent) -> None:
         if event.kind not in _STREAMED:
@@ -135,17 +137,11 @@ class HostService:
         self.host.delete(sandbox_id)
 
     def metrics(self) -> bytes:
-        """This host's Prometheus exposition, when metrics are available."""
-        try:
-            from corral.serve.metrics import HostMetrics  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            return b""
-        metrics = getattr(self, "_metrics", None)
-        if metrics is None:
-            metrics = self._metrics = HostMetrics(self.host)
-        return bytes(metrics.exposition())
+        """This host's Prometheus exposition (``corral.host.metrics``)."""
+        return self._metrics.text()
 
     def close(self) -> None:
+        self._metrics.close()
         self.host.close()
         self.host.ledger.close()
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import select
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +114,7 @@ def launch(
     block_r, block_w = os.pipe2(os.O_CLOEXEC)
     try:
         try:
-            proc = subprocess.Popen(
+            proc = _SPAWNER.popen(
                 list(build(info_w, block_r)),
                 close_fds=True,
                 pass_fds=(info_w, block_r, *pass_fds),
@@ -148,6 +150,55 @@ def launch(
     finally:
         os.close(info_r)
         os.close(block_w)
+
+
+class _Spawner:
+    """One long-lived thread that starts every bubblewrap of this process.
+
+    bubblewrap's ``--die-with-parent`` (what ends the sandboxes of a host killed with
+    SIGKILL) is the kernel's parent-death signal, and that follows the *thread* that
+    forked: a sandbox started from a worker thread (a thread pool's, a web server's)
+    would be killed when that thread retires, taking the shell's state and background
+    jobs with it. Forking from this thread, which lives as long as the process, ties
+    the sandboxes to the process instead."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[
+            tuple[Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            # A forked child inherits no threads: start its own.
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(
+                    target=self._serve, args=(self._queue,), name="corral-spawner", daemon=True
+                )
+                self._pid = os.getpid()
+                self._thread.start()
+            if threading.current_thread() is self._thread:
+                return subprocess.Popen(argv, **kwargs)
+            future: Future[subprocess.Popen[bytes]] = Future()
+            self._queue.put((future, argv, kwargs))
+        return future.result()
+
+    @staticmethod
+    def _serve(
+        q: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]],
+    ) -> None:
+        while True:
+            future, argv, kwargs = q.get()
+            try:
+                future.set_result(subprocess.Popen(argv, **kwargs))
+            except BaseException as exc:  # handed to the caller, who raises it
+                future.set_exception(exc)
+
+
+_SPAWNER = _Spawner()
 
 
 def _read_child_pid(fd: int) -> int | None:
