@@ -40,6 +40,7 @@ bench: setup
 	@$(BIN)/python bench/watch_bench.py
 	@$(BIN)/python bench/audit_bench.py --eval $(EVAL) --quiet
 	@$(BIN)/python bench/serve_bench.py
+	@$(BIN)/python bench/pool_bench.py
 
 redteam: setup
 	@bash scripts/setup-system.sh --test
