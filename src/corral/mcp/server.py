@@ -15,7 +15,6 @@ tool error whose text is the reason.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -239,14 +238,13 @@ def _run_command(s: _Session, args: dict[str, Any]) -> _Result:
 
 def _read_file(s: _Session, args: dict[str, Any]) -> _Result:
     path = _string(args, "path")
-    _check_host_path(s.sandbox, path, write=False)
+    s.sandbox.check_host_path(path, write=False)
     data = files.read_file(s.sandbox.workspace, path, limit=READ_LIMIT)
     return data.decode("utf-8", "replace"), False, {}
 
 
 def _write_file(s: _Session, args: dict[str, Any]) -> _Result:
     path, content = _string(args, "path"), _string(args, "content", empty=True)
-    _check_host_path(s.sandbox, path, write=True)
     data = content.encode("utf-8")
     s.sandbox.write_file(path, data)
     return f"wrote {len(data)} bytes to {path}", False, {}
@@ -256,7 +254,7 @@ def _list_files(s: _Session, args: dict[str, Any]) -> _Result:
     path = args.get("path", ".")
     if not isinstance(path, str):
         raise ValueError("path must be a string")
-    _check_host_path(s.sandbox, path, write=False)
+    s.sandbox.check_host_path(path, write=False)
     entries = files.list_dir(s.sandbox.workspace, path)
     mark = {"dir": "/", "link": "@", "other": ""}
     return "\n".join(name + mark.get(kind, "") for name, kind in entries), False, {}
@@ -268,25 +266,6 @@ _TOOLS: dict[str, Callable[[_Session, dict[str, Any]], _Result]] = {
     "write_file": _write_file,
     "list_files": _list_files,
 }
-
-
-def _check_host_path(sb: Sandbox, path: str, *, write: bool) -> None:
-    """What the sandbox would not let its own processes do, refused host-side too, gate or
-    no gate: files reads and writes here run outside the sandbox, where hidden paths are
-    not covered and protected files are not bound read-only."""
-    target = Path(os.path.normpath(sb.workspace / path))
-    for hidden in sb.spec.hidden:
-        # The workspace is bound over what hides it (a workspace under /root is visible).
-        if hidden == sb.workspace or hidden in sb.workspace.parents:
-            continue
-        if target == hidden or hidden in target.parents:
-            raise files.UnsafePathError(f"{path} is hidden by the policy (filesystem.hidden)")
-    if write:
-        for p in sb.spec.protected:
-            if target == p or p in target.parents:
-                raise files.UnsafePathError(
-                    f"{path} is run by the host later; it is protected (filesystem.protected)"
-                )
 
 
 def _string(args: dict[str, Any], key: str, *, empty: bool = False) -> str:

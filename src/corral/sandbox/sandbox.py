@@ -40,7 +40,7 @@ from corral.model import (
 )
 from corral.paths import corral_home, default_ledger_path
 from corral.policy import Policy
-from corral.sandbox import protected
+from corral.sandbox import files, protected
 from corral.sandbox.backend import (
     SANDBOX_HOME,
     Backend,
@@ -369,10 +369,31 @@ class Sandbox:
         self.backend.close_session(self.id, name)
 
     def read_file(self, path: str) -> str:
+        self.check_host_path(path, write=False)
         return self.backend.read_file(self.id, path).decode("utf-8", "replace")
 
     def write_file(self, path: str, text: str | bytes) -> None:
+        self.check_host_path(path, write=True)
         self.backend.write_file(self.id, path, text.encode() if isinstance(text, str) else text)
+
+    def check_host_path(self, path: str, *, write: bool) -> None:
+        """Refuse, gate or no gate, what the sandbox would not let its own processes do:
+        file reads and writes through this API run on the host, outside the sandbox,
+        where hidden paths are not covered and protected files (git hooks, which the
+        host runs later) are not bound read-only. Raises ``files.UnsafePathError``."""
+        target = Path(os.path.normpath(self.workspace / path))
+        for hidden in self.spec.hidden:
+            # The workspace is bound over what hides it (a workspace under /root is visible).
+            if hidden == self.workspace or hidden in self.workspace.parents:
+                continue
+            if target == hidden or hidden in target.parents:
+                raise files.UnsafePathError(f"{path} is hidden by the policy (filesystem.hidden)")
+        if write:
+            for p in self.spec.protected:
+                if target == p or p in target.parents:
+                    raise files.UnsafePathError(
+                        f"{path} is run by the host later; it is protected (filesystem.protected)"
+                    )
 
     def close(self) -> None:
         if self.review is not None:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from corral.ledger import Ledger, LedgerRecord
-from mcp import ClientSession, StdioServerParameters, stdio_client
 
 _T = TypeVar("_T")
 UPSTREAM = Path(__file__).with_name("upstream_server.py")

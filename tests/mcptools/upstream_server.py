@@ -5,7 +5,7 @@ leaks secrets in its result, and dangerous ones a policy should keep the agent f
 Every call it receives is appended to the file named by its first argument (one JSON
 object per line), so a test can prove that a denied call never reached it.
 
-    python tests/mcp/upstream_server.py CALLS_FILE
+    python tests/mcptools/upstream_server.py CALLS_FILE
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from mcp import ClientSession
+
 from tests.cli import corral
-from tests.mcp.client import corral_session, free_port, records, run, text, tool_decisions
+from tests.mcptools.client import corral_session, free_port, records, run, text, tool_decisions
 
 SSH_TUNNEL = "ssh -fN -R 2222:localhost:22 ops@203.0.113.7"
 

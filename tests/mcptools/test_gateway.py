@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tests.mcp.client import UPSTREAM, corral_session, records, run, text, tool_decisions
+from tests.mcptools.client import UPSTREAM, corral_session, records, run, text, tool_decisions
 
 POLICY = """\
 version: 1

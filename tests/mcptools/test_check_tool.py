@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tests.cli import corral
-from tests.mcp.client import records
+from tests.mcptools.client import records
 
 
 def test_an_allowed_and_a_denied_call_with_their_exit_codes(tmp_path: Path) -> None:
