@@ -22,7 +22,7 @@ from corral.paths import corral_home, default_ledger_path
 
 if TYPE_CHECKING:
     from corral.ledger import Ledger, LedgerRecord
-    from corral.model import Action
+    from corral.model import Action, Decision
     from corral.policy import Policy
     from corral.sandbox import Result
 
@@ -388,7 +388,12 @@ def _check_one(
     decision = policy.check_action(action)
     if ledger is not None:
         ledger.append_decision(action, decision)
-    if args.json:
+    return _print_decision(decision, as_json=args.json)
+
+
+def _print_decision(decision: Decision, *, as_json: bool) -> int:
+    """One decision on stdout (a JSON object, or tab-separated); its exit status."""
+    if as_json:
         print(json.dumps(decision.to_dict()))
     else:
         cat = decision.category.value if decision.category else "-"
@@ -431,12 +436,7 @@ def _check_tool(args: argparse.Namespace) -> int:
     if ledger is not None:
         with ledger:
             ledger.append_decision(action, decision)
-    if args.json:
-        print(json.dumps(decision.to_dict()))
-    else:
-        cat = decision.category.value if decision.category else "-"
-        print(f"{decision.verdict.value}\t{cat}\t{decision.rule}\t{decision.reason}")
-    return EXIT_OK if decision.allowed else EXIT_FLAGGED
+    return _print_decision(decision, as_json=args.json)
 
 
 def _batch_lines(source: str) -> Iterator[tuple[int, str]]:

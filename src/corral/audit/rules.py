@@ -36,7 +36,7 @@ from corral.errors import RuleError
 from corral.model import Action, ActionKind, AuditVerdict, Category, Verdict
 from corral.policy import Policy
 from corral.policy.gate import Gate
-from corral.policy.loader import _line_for, parse_data_file
+from corral.policy.loader import _line_for, parse_data_file, read_data_file
 from corral.policy.shell import Invocation, ParsedCommand, parse
 from corral.watch.rules import DetectorRule, EventView, load_detectors
 
@@ -230,10 +230,7 @@ def load_audit_rules(path: str | Path | None = None) -> AuditRules:
     if path is None:
         return _shipped()
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RuleError(f"cannot read audit rules: {e.strerror or e}", file=str(p)) from None
+    text = read_data_file(p, "audit rules")
     return _compile(text, str(p))
 
 

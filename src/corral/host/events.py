@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 # Kinds of host events beside the ledger's own record kinds (decision, event, alert, note).
 STARTED, STOPPED = "sandbox started", "sandbox stopped"
@@ -47,19 +47,20 @@ class HostEvent:
         }
 
 
+T = TypeVar("T")
 Listener = Callable[[HostEvent], None]
 
 
-class EventFeed:
+class EventFeed(Generic[T]):
     """Listeners by token; thread-safe. ``publish`` never raises."""
 
     def __init__(self) -> None:
-        self._listeners: dict[int, Listener] = {}
+        self._listeners: dict[int, Callable[[T], None]] = {}
         self._next = 0
         self._lock = threading.Lock()
-        self.dropped: list[tuple[Listener, BaseException]] = []
+        self.dropped: list[tuple[Callable[[T], None], BaseException]] = []
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
+    def subscribe(self, listener: Callable[[T], None]) -> Callable[[], None]:
         """Call ``listener`` with every event from now on; returns the unsubscribe."""
         with self._lock:
             token = self._next
@@ -72,7 +73,7 @@ class EventFeed:
 
         return unsubscribe
 
-    def publish(self, event: HostEvent) -> None:
+    def publish(self, event: T) -> None:
         with self._lock:
             listeners = list(self._listeners.items())
         for token, listener in listeners:

@@ -120,7 +120,7 @@ class Host:
         self._lock = threading.Lock()
         self._policies: dict[tuple[str, int | None, float | None], Policy] = {}
         self._closed = threading.Event()
-        self.events = EventFeed()
+        self.events: EventFeed[HostEvent] = EventFeed()
         self._reaper: threading.Thread | None = None
         if reap_every > 0:
             self._reaper = threading.Thread(

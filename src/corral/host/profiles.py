@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from corral.errors import CorralError, PolicyError, RuleError
 from corral.policy import Policy
-from corral.policy.loader import _line_for, keypath, parse_data_file
+from corral.policy.loader import _line_for, keypath, parse_data_file, read_data_file
 from corral.policy.schema import parse_size
 
 
@@ -78,10 +78,7 @@ class ProfileRegistry:
         if path is None:
             return _shipped()
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise RuleError(f"cannot read profiles: {e.strerror or e}", file=str(p)) from None
+        text = read_data_file(p, "profiles")
         return _compile(text, str(p), p.parent)
 
 

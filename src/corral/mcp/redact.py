@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import RuleError
-from corral.policy.loader import _line_for, parse_data_file
+from corral.policy.loader import _line_for, parse_data_file, read_data_file
 
 
 class _Secret(BaseModel):
@@ -101,10 +101,7 @@ def load_redactor(path: str | os.PathLike[str] | None = None) -> Redactor:
     if path is None:
         return _shipped()
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RuleError(f"cannot read secret patterns: {e.strerror or e}", file=str(p)) from None
+    text = read_data_file(p, "secret patterns")
     return _compile(text, str(p))
 
 

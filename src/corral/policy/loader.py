@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from corral.errors import PolicyError
+from corral.errors import PolicyError, RuleError
 from corral.policy.schema import PolicySpec, SpecError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -444,6 +444,15 @@ def keypath(loc: Loc) -> str:
 
 
 _M = typing.TypeVar("_M", bound=BaseModel)
+
+
+def read_data_file(path: str | os.PathLike[str], what: str) -> str:
+    """The text of a data file a user names (rules, profiles, secret shapes); a
+    ``RuleError`` naming the file and ``what`` it was meant to be when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise RuleError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
 
 
 def parse_data_file(text: str, display: str, model: type[_M]) -> tuple[_Doc, _M]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from corral import __version__
-from corral.host import Host, Hosted, HostError, HostEvent, SandboxNotFound
+from corral.host import EventFeed, Host, Hosted, HostError, HostEvent, SandboxNotFound
 from corral.host.usage import Sample, UsageSampler
 from corral.ledger.chain import LedgerRecord
 from corral.serve.timeline import LiveEvent, Timeline, incident, labels, live_event
@@ -144,8 +144,7 @@ class HostFleet:
 
     def __post_init__(self) -> None:
         self._recent: deque[LiveEvent] = deque(maxlen=RECENT_KEPT)
-        self._listeners: dict[int, Listener] = {}
-        self._next = 0
+        self._feed: EventFeed[LiveEvent] = EventFeed()
         self._lock = threading.Lock()
         self._unsubscribe: Callable[[], None] | None = self.host.subscribe(self._on_event)
 
@@ -178,16 +177,7 @@ class HostFleet:
         return events[-limit:] if limit > 0 else []
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        with self._lock:
-            token = self._next
-            self._next += 1
-            self._listeners[token] = listener
-
-        def unsubscribe() -> None:
-            with self._lock:
-                self._listeners.pop(token, None)
-
-        return unsubscribe
+        return self._feed.subscribe(listener)
 
     def timeline(self, caller: Caller, host: str | None, seq: int) -> Timeline:
         if host not in (None, "", self.name):
@@ -251,10 +241,4 @@ class HostFleet:
             return
         with self._lock:
             self._recent.append(event)
-            listeners = list(self._listeners.items())
-        for token, listener in listeners:
-            try:
-                listener(event)
-            except Exception:  # as the host's feed does: a failing listener is dropped
-                with self._lock:
-                    self._listeners.pop(token, None)
+        self._feed.publish(event)  # a failing listener is dropped, as the host's feed does
