@@ -27,7 +27,13 @@ def xmrig(**fields: Any) -> dict[str, Any]:
 
 def hot(t: float, *, pid: int = 42, cpu: float = 1.0, outlived: bool = True) -> dict[str, Any]:
     return ev(
-        "sample", t, pid=pid, argv=["python3", "-c", "loop"], cpu=cpu, outlived_action=outlived
+        "sample",
+        t,
+        pid=pid,
+        argv=["python3", "-c", "loop"],
+        cpu=cpu,
+        cpu_share=cpu,  # a quota of a core or more
+        outlived_action=outlived,
     )
 
 

@@ -46,7 +46,9 @@ def dns(name: str, allowed: bool = True) -> dict[str, Any]:
 def sample(
     cpu: float, outlived: bool, argv: tuple[str, ...] = ("python3", "x.py")
 ) -> dict[str, Any]:
-    return ev("sample", argv=list(argv), cpu=cpu, rss=1 << 20, outlived_action=outlived)
+    return ev(
+        "sample", argv=list(argv), cpu=cpu, cpu_share=cpu, rss=1 << 20, outlived_action=outlived
+    )
 
 
 def gpu(util: float, granted: bool) -> dict[str, Any]:
@@ -190,7 +192,7 @@ def _rule_ids(engine: Engine, event: dict[str, Any]) -> list[str]:
 
 
 def test_the_shipped_rules_load_once_with_their_version(shipped: DetectorRules) -> None:
-    assert shipped.version == "2026.11.1"
+    assert shipped.version == "2026.11.2"
     assert shipped.source.endswith("detectors.yaml")
     assert shipped.lists_version
     assert load_detectors() is shipped  # cached
@@ -293,8 +295,8 @@ def test_missing_or_null_fields_never_satisfy_a_condition(shipped: DetectorRules
     assert gpu_rule is not None and hijack is not None
     assert not gpu_rule.matches(ev("gpu", util=99.0))  # granted unknown
     assert not gpu_rule.matches(ev("gpu", util=None, granted=False))
-    assert not hijack.matches(ev("sample", cpu=2.0, outlived_action=None))
-    assert not hijack.matches(ev("sample", cpu=True, outlived_action=True))  # a bool is no number
+    assert not hijack.matches(ev("sample", cpu_share=2.0, outlived_action=None))
+    assert not hijack.matches(ev("sample", cpu_share=True, outlived_action=True))  # no number
     stdio = shipped.get("tunnel-socket-stdio")
     assert stdio is not None and not stdio.matches(ev("exec"))
     meta = shipped.get("credential-metadata")

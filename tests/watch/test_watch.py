@@ -136,6 +136,24 @@ def test_a_cpu_burner_left_behind_is_flagged_with_the_action_that_started_it(
         assert sb.run("echo alive").stdout == "alive\n"  # only the process was killed
 
 
+def test_a_tight_cpu_quota_does_not_hide_a_burner(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    # Capped at a fifth of a core, the loop never uses 0.8 of one: judged by the share
+    # of its sandbox's quota that it takes, it is still caught.
+    p = policy(resources={"cpus": 0.2})
+    with Sandbox(p, tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        r = sb.run("nohup python3 -c 'while True: pass' > /dev/null 2>&1 & echo started")
+        hijack = wait_for(
+            lambda: [a for a in alerts(ledger) if a["detector"] == "resource-hijack-cpu"]
+        )
+        assert hijack and hijack[0]["_action"] == r.action_id, alerts(ledger)
+        samples = [e for e in hijack[0]["evidence"] if e["kind"] == "resource"]
+        assert samples and all(e["fields"]["cpu"] < 0.5 for e in samples)
+        assert all(e["fields"]["cpu_share"] > 0.8 for e in samples)
+        assert wait_for(lambda: not running("while True: pass"))
+
+
 def test_a_foreground_build_using_cpu_is_not_a_hijack(
     tmp_path: Path, ledger: Ledger, watcher: Watcher
 ) -> None:

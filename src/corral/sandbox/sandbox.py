@@ -439,6 +439,7 @@ class _Target:
         self.sb = sb
         self.id = sb.id
         self.gpus_granted = sb.spec.gpus > 0
+        self.cpu_limit: float | None = sb.spec.cpus
 
     def processes(self) -> list[int]:
         return self.sb.backend.processes(self.id)

@@ -85,6 +85,7 @@ APPLIES: dict[str, frozenset[str]] = {
     "ip": frozenset({"net"}),
     "allowed": frozenset({"net", "dns"}),
     "cpu_above": frozenset({"sample"}),
+    "cpu_share_above": frozenset({"sample"}),
     "util_above": frozenset({"gpu"}),
     "outlived_action": frozenset({"sample", "gpu"}),
     "granted": frozenset({"gpu"}),
@@ -99,6 +100,7 @@ _COST = {
     "outlived_action": 0,
     "granted": 0,
     "cpu_above": 1,
+    "cpu_share_above": 1,
     "util_above": 1,
     "port": 1,
     "program": 2,
@@ -157,6 +159,7 @@ class _Cond(BaseModel):
     ip: StrList | None = None
     allowed: StrictBool | None = None
     cpu_above: StrictFloat | None = None
+    cpu_share_above: StrictFloat | None = None
     util_above: StrictFloat | None = None
     outlived_action: StrictBool | None = None
     granted: StrictBool | None = None
@@ -640,7 +643,7 @@ class _RuleCompiler:
     def condition(self, key: str, value: Any, loc: Loc, rule_id: str) -> Condition:
         if key in ("stdio_sockets", "allowed", "outlived_action", "granted"):
             return Condition(key, _bool_test(key, value), (value,))
-        if key in ("cpu_above", "util_above"):
+        if key in ("cpu_above", "cpu_share_above", "util_above"):
             return Condition(key, _above_test(key.removesuffix("_above"), value), (value,))
         if isinstance(value, list) and not value:
             raise _Bad("needs at least one item", loc)

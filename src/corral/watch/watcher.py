@@ -32,6 +32,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,6 +47,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Processes that use less than this share of a core in a tick are not reported as
 # samples: the rules care about saturation, and a quiet process costs nothing to skip.
 _SAMPLE_FLOOR = 0.05
+_CPU_WINDOW = 1.0  # seconds a sample's CPU figure is averaged over
 
 
 # Process start times count clock ticks since boot on CLOCK_BOOTTIME; /proc/stat's btime
@@ -58,6 +60,9 @@ class WatchTarget(Protocol):
 
     id: str
     gpus_granted: bool
+    # The sandbox's CPU quota in cores (None: unlimited); a busy process is judged by
+    # the share of it that it takes, so a tight quota does not hide a miner.
+    cpu_limit: float | None
 
     def processes(self) -> list[int]:
         """Host pids of every process in the sandbox now."""
@@ -107,6 +112,8 @@ class _Proc:
     ticks: int  # utime + stime at the last sample
     seen: float  # monotonic time of the last sample
     comm: bytes  # the kernel's short name: when it changes, the process ran a new program
+    # (time, ticks) points back to about _CPU_WINDOW ago: CPU use is averaged over it.
+    window: deque[tuple[float, int]] = field(default_factory=deque)
 
 
 @dataclass
@@ -543,7 +550,16 @@ class Watcher:
         dt = now - proc.seen
         if dt <= 0:
             return
-        cpu = (ticks - proc.ticks) / _CLK_TCK / dt
+        # Over one tick CPU time comes in whole clock ticks (10 ms): a process held to a
+        # fifth of a core reads 0.16 and 0.24 in turn. Averaged over a second it reads
+        # what it uses, so a tight quota neither hides nor fakes saturation.
+        if not proc.window:
+            proc.window.append((proc.seen, proc.ticks))
+        proc.window.append((now, ticks))
+        while len(proc.window) > 2 and now - proc.window[1][0] >= _CPU_WINDOW:
+            proc.window.popleft()
+        t0, k0 = proc.window[0]
+        cpu = (ticks - k0) / _CLK_TCK / (now - t0)
         proc.ticks, proc.seen = ticks, now
         if cpu < _SAMPLE_FLOOR:
             return
@@ -559,6 +575,8 @@ class Watcher:
                 "pid": pid,
                 "argv": proc.argv,
                 "cpu": cpu,
+                # One process can use at most one core, whatever the quota above it.
+                "cpu_share": cpu / min(w.target.cpu_limit or 1.0, 1.0),
                 "rss": rss_pages * os.sysconf("SC_PAGE_SIZE"),
                 "outlived_action": w.target.action_done(proc.action_id),
                 "action_id": proc.action_id,
