@@ -31,6 +31,18 @@ if [ "${1:-}" = "--test" ]; then
   command -v chromedriver >/dev/null || need+=(chromium-driver)
 fi
 
+# chromedriver and Chromium find each other at "localhost"; every installed Debian has it
+# in /etc/hosts, a bare container image may not.
+if [ "${1:-}" = "--test" ] && ! getent hosts localhost >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "corral setup: adding localhost to /etc/hosts (the browser tests need it)" >&2
+    printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >> /etc/hosts
+  else
+    echo "corral setup: 'localhost' does not resolve here; add '127.0.0.1 localhost' to /etc/hosts" >&2
+    exit 1
+  fi
+fi
+
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
