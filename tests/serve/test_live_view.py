@@ -18,15 +18,14 @@ import httpx
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.browser import ARTIFACTS, chrome
 from tests.serve.live import ALICE, BOB, LIVE, Live, Waiter, live_server, process
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "artifacts"
 BOUND_S = 2.0
 
 
@@ -38,22 +37,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 @pytest.fixture(scope="module")
 def driver() -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--window-size=1500,1000",
-    ):
-        options.add_argument(arg)
-    options.binary_location = "/usr/bin/chromium"
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver, so Selenium Manager never looks for one on the network.
-    d = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
-    try:
+    with chrome() as d:
         yield d
-    finally:
-        d.quit()
 
 
 def wait(driver: webdriver.Chrome, timeout: float = 10.0) -> WebDriverWait[webdriver.Chrome]:

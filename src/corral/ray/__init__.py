@@ -9,6 +9,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
         "corral.ray needs Ray, which is not installed: pip install 'corral[ray]'"
     ) from e
 
+from corral.ray.live import PoolFleet, live_app, serving_live
 from corral.ray.placement import Capacity, NoRoom, Request, choose
 from corral.ray.pool import HostLost, PoolError, PoolFull, PoolSandbox, SandboxPool
 from corral.ray.service import HostService
@@ -19,9 +20,12 @@ __all__ = [
     "HostService",
     "NoRoom",
     "PoolError",
+    "PoolFleet",
     "PoolFull",
     "PoolSandbox",
     "Request",
     "SandboxPool",
     "choose",
+    "live_app",
+    "serving_live",
 ]

@@ -27,12 +27,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from corral.errors import CorralError
-from corral.host import ProfileRegistry
+from corral.host import EventFeed, ProfileRegistry
 from corral.model import Alert, new_id
 from corral.paths import corral_home
 from corral.ray.placement import Capacity, NoRoom, Request, choose
 from corral.ray.service import HostService
 from corral.sandbox import Result, SandboxError
+from corral.serve.timeline import LiveEvent
 
 T = TypeVar("T")
 _HostActor = ray.remote(HostService)
@@ -251,6 +252,7 @@ class SandboxPool:
         self._sandboxes: dict[str, PoolSandbox] = {}
         self.alerts: list[Alert] = []
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._live: EventFeed[LiveEvent] = EventFeed()
         self._closed = threading.Event()
         found = [n for n in _nodes() if n.get("Alive")]
         chosen = [
@@ -353,10 +355,14 @@ class SandboxPool:
         task: str | None = None,
         sandbox_id: str | None = None,
         idle_ttl: float | None = None,
+        owner: str = "local",
     ) -> PoolSandbox:
         """A new sandbox from ``profile`` on the host with the most room for it.
-        ``cpus``/``memory`` lower the profile's limits and are what it reserves."""
-        host, req, kwargs = self._place(profile, cpus, memory, labels, task, sandbox_id, idle_ttl)
+        ``cpus``/``memory`` lower the profile's limits and are what it reserves.
+        ``owner``: whose it is (the live view shows a user only their own)."""
+        host, req, kwargs = self._place(
+            profile, cpus, memory, labels, task, sandbox_id, idle_ttl, owner
+        )
         try:
             info = ray.get(host.actor.start.remote(profile, **kwargs))
         except BaseException as e:
@@ -374,8 +380,11 @@ class SandboxPool:
         task: str | None = None,
         sandbox_id: str | None = None,
         idle_ttl: float | None = None,
+        owner: str = "local",
     ) -> PoolSandbox:
-        host, req, kwargs = self._place(profile, cpus, memory, labels, task, sandbox_id, idle_ttl)
+        host, req, kwargs = self._place(
+            profile, cpus, memory, labels, task, sandbox_id, idle_ttl, owner
+        )
         try:
             info = await host.actor.start.remote(profile, **kwargs)
         except BaseException as e:
@@ -392,6 +401,7 @@ class SandboxPool:
         task: str | None,
         sandbox_id: str | None,
         idle_ttl: float | None,
+        owner: str = "local",
     ) -> tuple[_Host, Request, dict[str, Any]]:
         if self._closed.is_set():
             raise PoolError("the pool is closed")
@@ -405,6 +415,7 @@ class SandboxPool:
             host = self._hosts[name]
             host.capacity = host.capacity.reserve(req)
         kwargs = {
+            "owner": owner,
             "sandbox_id": sid,
             "labels": {**(labels or {}), "pool": self.name, "host": host.name},
             "task": task,
@@ -531,7 +542,15 @@ class SandboxPool:
             for event in events:
                 self._on_event(event)
 
+    def subscribe_live(self, listener: Callable[[LiveEvent], None]) -> Callable[[], None]:
+        """The live view's lines (``corral.serve.timeline.LiveEvent``) from every host
+        as they happen; returns the unsubscribe."""
+        return self._live.subscribe(listener)
+
     def _on_event(self, event: dict[str, Any]) -> None:
+        if event["kind"] == "live":
+            self._live.publish(event["event"])
+            return
         if event["kind"] == "alert":
             alert = Alert.from_dict(event["body"])
             with self._lock:

@@ -19,8 +19,11 @@ from typing import Any
 
 from corral.host import STARTED, STOPPED, Host, HostEvent, ProfileRegistry
 from corral.host.metrics import HostMetrics
+from corral.host.usage import UsageSampler
 from corral.ledger import Ledger
 from corral.sandbox import Result
+from corral.serve.fleet import Caller, HostFleet, HostInfo, SandboxInfo
+from corral.serve.timeline import LiveEvent, Timeline
 
 # What the driver is told about as it happens; decisions and raw events stay in the
 # node's ledger, where `corral log --cluster` finds them.
@@ -62,6 +65,11 @@ class HostService:
         self._cond = threading.Condition()
         self.host.subscribe(self._on_event)
         self._metrics = HostMetrics(self.host)
+        # The live view's side of this host: the same fleet of one `corral serve` runs,
+        # named as the pool names the host; its lines join the stream to the driver.
+        self._sampler = UsageSampler(self.host).start()
+        self.fleet = HostFleet(self.host, self._sampler, name=name)
+        self.fleet.subscribe(self._on_live)
 
     def _on_event(self, event: HostEvent) -> None:
         if event.kind not in _STREAMED:
@@ -70,6 +78,31 @@ class HostService:
             self._seq += 1
             self._feed.append((self._seq, {**event.to_dict(), "host": self.name}))
             self._cond.notify_all()
+
+    def _on_live(self, event: LiveEvent) -> None:
+        with self._cond:
+            self._seq += 1
+            self._feed.append((self._seq, {"kind": "live", "host": self.name, "event": event}))
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ live view
+    def live_hosts(self, caller: Caller) -> list[HostInfo]:
+        return self.fleet.hosts(caller)
+
+    def live_sandboxes(self, caller: Caller) -> list[SandboxInfo]:
+        return self.fleet.sandboxes(caller)
+
+    def live_recent(self, caller: Caller, limit: int) -> list[LiveEvent]:
+        return self.fleet.recent(caller, limit)
+
+    def live_freeze(self, caller: Caller, sandbox_id: str, reason: str) -> SandboxInfo:
+        return self.fleet.freeze(caller, sandbox_id, reason)
+
+    def live_kill(self, caller: Caller, sandbox_id: str, reason: str) -> SandboxInfo:
+        return self.fleet.kill(caller, sandbox_id, reason)
+
+    def live_timeline(self, caller: Caller, seq: int) -> Timeline:
+        return self.fleet.timeline(caller, self.name, seq)
 
     # ------------------------------------------------------------------ queries
     def info(self) -> dict[str, Any]:
@@ -141,6 +174,8 @@ class HostService:
         return self._metrics.text()
 
     def close(self) -> None:
+        self.fleet.close()
+        self._sampler.close()
         self._metrics.close()
         self.host.close()
         self.host.ledger.close()

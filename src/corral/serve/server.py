@@ -68,7 +68,10 @@ class _Server(uvicorn.Server):
 def _server(
     host: Host, address: str, port: int, tokens: Tokens | None, live_view: bool = True
 ) -> _Server:
-    app = create_app(host, tokens, live_view=live_view)
+    return _server_for(create_app(host, tokens, live_view=live_view), address, port)
+
+
+def _server_for(app: FastAPI, address: str, port: int) -> _Server:
     config = uvicorn.Config(
         app,
         host=address,
@@ -113,7 +116,15 @@ def serving(
     live_view: bool = True,
 ) -> Iterator[str]:
     """The API on a thread; yields its base URL (``port`` 0: any free one)."""
-    server = _server(host, address, port, tokens, live_view)
+    with serving_app(create_app(host, tokens, live_view=live_view), address, port) as url:
+        yield url
+
+
+@contextmanager
+def serving_app(app: FastAPI, address: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Any of corral's apps (``create_app``, a pool's live view) on a thread; yields its
+    base URL."""
+    server = _server_for(app, address, port)
     thread = threading.Thread(target=server.run, name="corral-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -184,7 +184,7 @@
 
   function newRow(sb) {
     const tr = el("tr", { "data-sandbox": sb.id });
-    for (const name of ["id", "owner", "profile", "state", "alerts", "cpu", "mem", "gpu", "acts"]) {
+    for (const name of ["id", "host", "owner", "profile", "state", "alerts", "cpu", "mem", "gpu", "acts"]) {
       tr.append(el("td", { class: name }));
     }
     const freeze = el("button", { type: "button", class: "freeze", "data-act": "freeze", text: "Freeze",
@@ -200,6 +200,7 @@
     tr.dataset.state = sb.state;
     cells("id").textContent = sb.id;
     cells("id").title = sb.run_id ? `run ${sb.run_id}` : "";
+    cells("host").textContent = sb.host;
     cells("owner").textContent = sb.owner;
     cells("profile").textContent = sb.profile;
     const st = el("span", { class: `state ${sb.state}`, text: sb.state, title: sb.reason || "" });
