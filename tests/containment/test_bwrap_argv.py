@@ -96,6 +96,15 @@ def test_a_gpu_grant_binds_only_those_devices_and_sets_cuda_visible(tmp_path: Pa
     assert a[i - 1] == "--setenv" and a[i + 1] == "0,1"
 
 
+def test_a_host_allocated_grant_binds_exactly_those_gpus(tmp_path: Path) -> None:
+    dev = _fake_dev(tmp_path, 4)
+    spec = SandboxSpec(workspace=tmp_path, gpus=2, gpu_ids=(3, 1))
+    a = bwrap_argv(spec, ["true"], dev=dev)
+    bound = [a[i + 2] for i, x in enumerate(a) if x == "--dev-bind"]
+    assert bound == ["/dev/nvidia3", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    assert a[a.index("CUDA_VISIBLE_DEVICES") + 1] == "3,1"
+
+
 def test_a_gpu_grant_on_a_machine_without_gpus_is_a_no_op(tmp_path: Path) -> None:
     dev = _fake_dev(tmp_path, 0)
     a = bwrap_argv(SandboxSpec(workspace=tmp_path, gpus=1), ["true"], dev=dev)

@@ -219,3 +219,29 @@ def test_a_host_killed_with_sigkill_leaves_nothing_once_the_next_one_starts(
         assert ledger.verify().ok
         notes = [r.body for r in ledger.records(kinds="note")]
         assert any(n.get("sandbox_ids") == [hosted_id] for n in notes)
+
+
+def test_gpu_sandboxes_each_get_their_own_gpus_and_give_them_back(tmp_path: Path) -> None:
+    (tmp_path / "gpu.yaml").write_text(
+        "version: 1\nextends: strict\nname: gpu\nresources: {gpus: 2}\n"
+    )
+    f = tmp_path / "profiles.yaml"
+    f.write_text(
+        f"version: 1\nprofiles:\n  trainer:\n    policy: {tmp_path / 'gpu.yaml'}\n"
+        "  plain:\n    policy: strict\n"
+    )
+    with Host(
+        profiles=ProfileRegistry.load(f),
+        ledger=Ledger.memory(),
+        root=tmp_path / "h",
+        reap_every=0,
+        gpus=[0, 1, 2, 3, 4],
+    ) as host:
+        a, b = host.start("trainer"), host.start("trainer")
+        assert (a.sandbox.spec.gpu_ids, b.sandbox.spec.gpu_ids) == ((0, 1), (2, 3))
+        with pytest.raises(HostError, match="needs 2 GPU"):
+            host.start("trainer")  # one left: never shared, never half a grant
+        host.stop(a.id)
+        c = host.start("trainer")
+        assert c.sandbox.spec.gpu_ids == (0, 1)
+        assert host.start("plain").sandbox.spec.gpu_ids is None  # no grant, no GPUs

@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +62,7 @@ class Hosted:
     lock: threading.Lock = field(default_factory=threading.Lock)
     marker: Path | None = None  # orphans.mark's note, removed on a clean stop
     announced_stop: bool = False  # listeners were told it stopped (once is enough)
+    gpu_ids: tuple[int, ...] = ()  # the GPUs it holds, handed back when it stops
 
     @property
     def alive(self) -> bool:
@@ -96,9 +97,13 @@ class Host:
         watch: bool | Watcher = True,
         gate: bool = True,
         reap_every: float = 5.0,
+        gpus: Sequence[int] | None = None,
     ) -> None:
         """``root``: where sandbox workspaces are made (default ``$CORRAL_HOME/host``).
-        ``reap_every``: seconds between looks for idle sandboxes (0: never look)."""
+        ``reap_every``: seconds between looks for idle sandboxes (0: never look).
+        ``gpus``: the GPU indices this host hands out (default: every ``/dev/nvidiaN``);
+        a sandbox whose policy grants GPUs gets its own, never one another holds."""
+        self._gpus_free = sorted(gpus if gpus is not None else _machine_gpus())
         self.profiles = profiles or ProfileRegistry.load()
         self._own_ledger = not isinstance(ledger, Ledger)
         self.ledger = (
@@ -153,9 +158,18 @@ class Host:
             )
         sid = sandbox_id or new_id()[:16]
         policy = self._policy(prof, memory, cpus)
+        wants = policy.spec.resources.gpus
+        gpu_ids: list[int] | None = None
         with self._lock:
             if sid in self._sandboxes or sid in self._claimed:
                 raise HostError(f"a sandbox with id {sid!r} already exists")
+            if wants:
+                if len(self._gpus_free) < wants:
+                    raise HostError(
+                        f"profile {prof.name!r} needs {wants} GPU(s); {len(self._gpus_free)} "
+                        "of this host's are free (the others are held by running sandboxes)"
+                    )
+                gpu_ids, self._gpus_free = self._gpus_free[:wants], self._gpus_free[wants:]
             # Claimed now, so a second start with the same id fails instead of racing.
             self._claimed.add(sid)
         workspace: Path | None = None
@@ -181,16 +195,19 @@ class Host:
                 backend=self.backend,
                 watch=self.watch,
                 env=prof.env,
+                gpu_ids=gpu_ids,
             )
         except BaseException:
             with self._lock:
                 self._claimed.discard(sid)
+                self._gpus_free = sorted([*self._gpus_free, *(gpu_ids or ())])
             if workspace is not None:
                 shutil.rmtree(workspace, ignore_errors=True)
             if marker is not None:
                 orphans.unmark(marker)
             raise
         hosted = Hosted(sid, prof, owner, all_labels, sb, workspace, idle_ttl)
+        hosted.gpu_ids = tuple(gpu_ids or ())
         # Its cgroup is made on its first command, after this names it.
         hosted.marker = orphans.mark(self.root, sid, workspace, sb.id)
         with self._lock:
@@ -326,6 +343,10 @@ class Host:
             shutil.rmtree(hosted.workspace, ignore_errors=True)
             if hosted.marker is not None:
                 orphans.unmark(hosted.marker)
+            if hosted.gpu_ids:  # its processes are gone: the GPUs are free again
+                with self._lock:
+                    self._gpus_free = sorted([*self._gpus_free, *hosted.gpu_ids])
+                hosted.gpu_ids = ()
             if not hosted.announced_stop:
                 hosted.announced_stop = True
                 self._lifecycle(
@@ -416,3 +437,12 @@ class Host:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _machine_gpus(dev: Path = Path("/dev")) -> list[int]:
+    """The indices of this machine's NVIDIA GPUs, from their device nodes."""
+    return sorted(
+        int(p.name[len("nvidia") :])
+        for p in dev.glob("nvidia[0-9]*")
+        if p.name[len("nvidia") :].isdigit()
+    )

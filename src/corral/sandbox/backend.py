@@ -75,6 +75,9 @@ class SandboxSpec:
     pids: int = 512
     cpus: float = 2.0
     gpus: int = 0
+    # Which GPUs (device indices) the grant is, when a host hands them out so that no two
+    # sandboxes share one; None: the first ``gpus`` of the machine.
+    gpu_ids: tuple[int, ...] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     # The policy's network section when it has one (network.mode: proxy): the sandbox then
     # gets the egress proxy's endpoints on its loopback. None: loopback and nothing else.

@@ -65,15 +65,19 @@ def _idle(session: ShellSession) -> bool:
 _NVIDIA_CONTROL = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 
 
-def gpu_binds(count: int, dev: Path = Path("/dev")) -> tuple[list[str], dict[str, str]]:
-    """bubblewrap arguments and environment that grant the first ``count`` GPUs.
+def gpu_binds(
+    count: int, dev: Path = Path("/dev"), ids: Sequence[int] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """bubblewrap arguments and environment that grant ``count`` GPUs: those of ``ids``
+    (a host's allocation), else the first ``count``.
 
     Nothing is granted by default: the sandbox's /dev is minimal and has no GPU node. A
     grant binds only the granted ``/dev/nvidiaN`` plus the control nodes, and sets
     ``CUDA_VISIBLE_DEVICES`` to match; on a machine without GPUs it grants nothing."""
     if count <= 0:
         return [], {}
-    granted = [i for i in range(count) if (dev / f"nvidia{i}").exists()]
+    wanted = list(ids)[:count] if ids is not None else list(range(count))
+    granted = [i for i in wanted if (dev / f"nvidia{i}").exists()]
     if not granted:
         return [], {}
     args: list[str] = []
@@ -81,7 +85,9 @@ def gpu_binds(count: int, dev: Path = Path("/dev")) -> tuple[list[str], dict[str
         node = dev / name
         if node.exists():
             args += ["--dev-bind", str(node), f"/dev/{name}"]
-    return args, {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(len(granted)))}
+    # The driver still lists every GPU of the machine; only the granted nodes can be
+    # opened, so name them by their own index.
+    return args, {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in granted)}
 
 
 def bwrap_argv(
@@ -168,7 +174,7 @@ def bwrap_argv(
             args += ["--ro-bind", str(p), str(p)]
     if resolv_at is not None:
         args += ["--ro-bind", str(resolv_conf), resolv_at]
-    gpu_args, gpu_env = gpu_binds(spec.gpus, dev)
+    gpu_args, gpu_env = gpu_binds(spec.gpus, dev, spec.gpu_ids)
     args += gpu_args
     args += ["--clearenv"]
     for key, value in sorted({**spec.env, **gpu_env}.items()):

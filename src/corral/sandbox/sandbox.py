@@ -90,6 +90,7 @@ class Sandbox:
         watch: bool | Watcher = True,
         auditor: Auditor | bool = True,
         env: Mapping[str, str] | None = None,
+        gpu_ids: Sequence[int] | None = None,
     ) -> None:
         """``watch``: the host's watcher follows what the sandbox's processes do and
         answers detector matches (True: this process's shared watcher; a ``Watcher`` to
@@ -108,6 +109,9 @@ class Sandbox:
         self.spec = SandboxSpec.from_policy(self.policy, workspace)
         if env:
             self.spec = dataclasses.replace(self.spec, env={**self.spec.env, **env})
+        if gpu_ids is not None:
+            # Which of the machine's GPUs the policy's grant is (a host's allocation).
+            self.spec = dataclasses.replace(self.spec, gpu_ids=tuple(gpu_ids))
         self.workspace: Path = self.spec.workspace
         self._own_ledger = not isinstance(ledger, Ledger)
         self.ledger = (
