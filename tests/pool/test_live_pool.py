@@ -83,6 +83,12 @@ def test_the_pool_live_view_shows_every_host_streams_alerts_and_kills(
     hosts = get(url, f"{V1}/hosts", ONCALL).json()["hosts"]
     assert [h["name"] for h in hosts] == ["host-0", "host-1"]
     assert get(url, f"{V1}/hosts", "wrong-token-0123456789").status_code == 401
+    # One exposition for the pool, every sample labelled with its host.
+    assert get(url, "/metrics", "wrong-token-0123456789").status_code == 401
+    metrics = get(url, "/metrics", ONCALL).text
+    started = [line for line in metrics.splitlines() if line.startswith("corral_sandboxes{")]
+    assert {'host="host-0"' in line or 'host="host-1"' in line for line in started} == {True}
+    assert metrics.count("# TYPE corral_sandboxes gauge") == 1
 
     a = [pool.start(**SMALL, owner="alice") for _ in range(2)]
     b = pool.start(**SMALL, owner="bob")

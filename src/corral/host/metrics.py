@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -33,6 +33,12 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 # Process start times kept to time alerts against; older ones are forgotten first.
 _STARTS_KEPT = 8192
+
+
+class Exposition(Protocol):
+    """Anything ``/metrics`` can serve: one host's figures, or a pool's."""
+
+    def text(self) -> bytes: ...
 
 
 class HostMetrics:

@@ -23,6 +23,7 @@ from corral.serve.fleet import Caller, HostInfo, Listener, NotVisible, SandboxIn
 from corral.serve.server import serving_app
 from corral.serve.timeline import LiveEvent, Timeline
 
+from .metrics import PoolMetrics
 from .pool import SandboxPool, _Host
 
 _ORDER = {"running": 0, "frozen": 1, "stopped": 2}
@@ -113,10 +114,11 @@ class PoolFleet:
 
 
 def live_app(pool: SandboxPool, tokens: Tokens | None) -> FastAPI:
-    """The live page and its API over ``pool`` (``tokens`` None: loopback only, as
-    ``corral serve --local-only``)."""
+    """The live page and its API over ``pool``, and ``/metrics`` for every host (each
+    sample labelled ``host``); ``tokens`` None: loopback only, as ``corral serve
+    --local-only``."""
     app = FastAPI(title="corral live (pool)", version=__version__)
-    app.state.streams = live.mount(app, PoolFleet(pool), None, tokens)
+    app.state.streams = live.mount(app, PoolFleet(pool), PoolMetrics(pool), tokens)
     return app
 
 

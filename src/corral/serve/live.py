@@ -31,7 +31,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from corral.host.metrics import CONTENT_TYPE, HostMetrics
+from corral.host.metrics import CONTENT_TYPE, Exposition
 from corral.serve.auth import LOCAL_USER, Tokens, token_from
 from corral.serve.fleet import Caller, Fleet, NotRunning, NotVisible
 from corral.serve.timeline import LiveEvent
@@ -160,7 +160,7 @@ def sse(event: LiveEvent) -> str:
 
 
 def mount(
-    app: FastAPI, fleet: Fleet | None, metrics: HostMetrics | None, tokens: Tokens | None
+    app: FastAPI, fleet: Fleet | None, metrics: Exposition | None, tokens: Tokens | None
 ) -> Streams | None:
     """Add the live view (when ``fleet`` is given) and ``/metrics`` (when ``metrics``
     is) to ``app``; returns the streams to close on shutdown."""
