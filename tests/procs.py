@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def running(text: str) -> list[int]:
@@ -16,3 +21,14 @@ def running(text: str) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def wait_for(pred: Callable[[], T], timeout: float = 20.0) -> T:
+    """``pred()`` once it is truthy, or its last value after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    return pred()

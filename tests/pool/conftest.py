@@ -12,10 +12,13 @@ import os
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+
+from corral.ray import SandboxPool
 
 NODE_CPUS = 32
 NODE_MEMORY = 32 << 30
@@ -36,3 +39,12 @@ def cluster() -> Iterator[Cluster]:
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+@pytest.fixture
+def pool(cluster: Cluster, tmp_path: Path) -> Iterator[SandboxPool]:
+    p = SandboxPool(name="t", state_dir=tmp_path / "state", run_id="run-pool")
+    try:
+        yield p
+    finally:
+        p.close()

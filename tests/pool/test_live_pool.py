@@ -6,12 +6,10 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from ray.cluster_utils import Cluster
 
 from corral.ray import SandboxPool
 from corral.ray.live import serving_live
@@ -27,15 +25,6 @@ shutil.copy("/bin/sleep", "xmrig")
 os.chmod("xmrig", 0o755)
 os.execv("./xmrig", ["xmrig", "1000.8125"])
 """
-
-
-@pytest.fixture
-def pool(cluster: Cluster, tmp_path: Path) -> Iterator[SandboxPool]:
-    p = SandboxPool(name="live", state_dir=tmp_path / "state", run_id="run-live")
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,28 +20,9 @@ from corral.host import UnknownProfileError
 from corral.ledger import MergedLedger
 from corral.ray import HostLost, PoolError, PoolFull, PoolSandbox, SandboxPool
 from tests.cli import corral
-from tests.procs import running
+from tests.procs import running, wait_for
 
 SMALL = {"cpus": 0.1, "memory": 256 << 20}
-
-
-def _wait(pred: Any, timeout: float = 20.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    return pred()
-
-
-@pytest.fixture
-def pool(cluster: Cluster, tmp_path: Path) -> Iterator[SandboxPool]:
-    p = SandboxPool(name="t", state_dir=tmp_path / "state", run_id="run-pool")
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def _cgroups(ids: set[str]) -> list[str]:
@@ -124,7 +104,7 @@ def test_two_hundred_sandboxes_and_a_host_killed_mid_run_leave_nothing_behind(
         assert all(hosts_of.get(i) in (victim, None) for i in failed)
         assert sum(o == "finished" for o in outcomes.values()) >= 60
         # The pool put a new host on the node; it removed what the dead one left.
-        assert _wait(lambda: all(h["alive"] for h in pool.hosts()))
+        assert wait_for(lambda: all(h["alive"] for h in pool.hosts()))
         replaced = next(h for h in pool.hosts() if h["name"] == victim)
         assert replaced["generation"] == 1
         sb = pool.start(**SMALL)  # type: ignore[arg-type]
@@ -133,7 +113,7 @@ def test_two_hundred_sandboxes_and_a_host_killed_mid_run_leave_nothing_behind(
     finally:
         pool.close()
     # Nothing leaked: no process, no cgroup, no mount, no workspace.
-    assert _wait(lambda: not running("sleep 4242.25"), timeout=10), running("sleep 4242.25")
+    assert wait_for(lambda: not running("sleep 4242.25"), timeout=10), running("sleep 4242.25")
     assert not [p for p in running("bwrap") if str(state) in Path(f"/proc/{p}/cmdline").read_text()]
     assert _cgroups(ids) == []
     assert _mounts() == mounts_before
@@ -186,13 +166,13 @@ def test_alerts_stream_back_to_the_driver_as_they_happen(pool: SandboxPool) -> N
     sb.write_file("start.py", LAUNCHER)
     r = sb.run("python3 start.py", timeout=60)
     assert r.exit_code != 0  # killed, with its sandbox
-    alert = _wait(lambda: [a for a in sb.alerts if a.detector == "mining-binary"])
+    alert = wait_for(lambda: [a for a in sb.alerts if a.detector == "mining-binary"])
     assert alert, seen
     assert alert[0].action_id == r.action_id and alert[0] in pool.alerts
     assert alert[0].evidence and alert[0].evidence[0].fields["argv"][0] == "xmrig"
     assert not running("xmrig 1000.4375")
     # The host stopped the sandbox (the rule's response); the driver hears that too.
-    assert _wait(lambda: sb.stopped)
+    assert wait_for(lambda: sb.stopped)
     kinds = [e["kind"] for e in seen if e.get("sandbox") == sb.id]
     assert kinds[0] == "sandbox started" and "alert" in kinds
     streamed = next(e for e in seen if e["kind"] == "alert")

@@ -73,6 +73,10 @@ class EventFeed(Generic[T]):
 
         return unsubscribe
 
+    def __bool__(self) -> bool:
+        """Whether anyone listens: a host with no listener builds no events."""
+        return bool(self._listeners)
+
     def publish(self, event: T) -> None:
         with self._lock:
             listeners = list(self._listeners.items())

@@ -225,6 +225,8 @@ class Host:
         self, sid: str, owner: str, labels: Mapping[str, str], run_id: str | None
     ) -> Callable[[int, str, Mapping[str, Any], Mapping[str, Any]], None]:
         def publish(seq: int, kind: str, body: Mapping[str, Any], where: Mapping[str, Any]) -> None:
+            if not self.events:  # every exec and event writes through here
+                return
             self.events.publish(
                 HostEvent(
                     kind,

@@ -104,15 +104,7 @@ class Gate:
                 if len(self._decided) >= _CACHE_ENTRIES:
                     self._decided.clear()
                 self._decided[command] = finding
-        return Decision(
-            verdict=finding.verdict,
-            rule=finding.rule,
-            category=finding.category,
-            reason=finding.reason,
-            latency_s=time.perf_counter() - start,
-            action_id=action.id if action else None,
-            policy_hash=self.policy.hash,
-        )
+        return self._decision(finding, start, action.id if action else None)
 
     def check_action(
         self, action: Action, *, workspace: str | os.PathLike[str] | None = None
@@ -130,15 +122,7 @@ class Gate:
             finding = self.tool_gate(workspace).judge(
                 str(p.get("server") or ""), str(p.get("tool", "")), p.get("args", {})
             )
-            return Decision(
-                verdict=finding.verdict,
-                rule=finding.rule,
-                category=finding.category,
-                reason=finding.reason,
-                latency_s=time.perf_counter() - start,
-                action_id=action.id,
-                policy_hash=self.policy.hash,
-            )
+            return self._decision(finding, start, action.id)
         return Decision(
             Verdict.DENY,
             "gate-unsupported-kind",
@@ -167,6 +151,17 @@ class Gate:
                         self._tool_gates.clear()
                     self._tool_gates[key] = tg
         return tg
+
+    def _decision(self, finding: Finding, start: float, action_id: str | None) -> Decision:
+        return Decision(
+            verdict=finding.verdict,
+            rule=finding.rule,
+            category=finding.category,
+            reason=finding.reason,
+            latency_s=time.perf_counter() - start,
+            action_id=action_id,
+            policy_hash=self.policy.hash,
+        )
 
     def findings(self, parsed: ParsedCommand) -> list[Finding]:
         """Every finding that is not a plain allow, for a command already parsed: the

@@ -43,6 +43,12 @@ Response = Literal["alert", "kill-process", "kill-sandbox", "freeze", "end-episo
 ALWAYS_PROTECTED = (".git/hooks", ".git/config")
 RULE_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
+
+def _rule_id(value: str) -> str:
+    if not RULE_ID_RE.fullmatch(value):
+        raise ValueError(f"invalid rule id {value!r}: use [a-z0-9][a-z0-9._-]*")
+    return value
+
 # Suffixes under which anyone can obtain a name. A wildcard whose fixed part is one of
 # these (or a bare TLD) lets an agent reach hosts an attacker registers, i.e. it is an
 # exfiltration channel, so it is refused in allow lists. Deliberately small; extend it
@@ -271,12 +277,7 @@ class CommandRule(_Model):
     def _norm_program(cls, value: Any) -> Any:
         return _one_or_many(value)
 
-    @field_validator("id")
-    @classmethod
-    def _check_id(cls, value: str) -> str:
-        if not RULE_ID_RE.fullmatch(value):
-            raise ValueError(f"invalid rule id {value!r}: use [a-z0-9][a-z0-9._-]*")
-        return value
+    _check_id = field_validator("id")(_rule_id)
 
     @field_validator("program")
     @classmethod
@@ -421,12 +422,7 @@ class ToolRule(_Model):
     def _norm_tool(cls, value: Any) -> Any:
         return _one_or_many(value)
 
-    @field_validator("id")
-    @classmethod
-    def _check_id(cls, value: str) -> str:
-        if not RULE_ID_RE.fullmatch(value):
-            raise ValueError(f"invalid rule id {value!r}: use [a-z0-9][a-z0-9._-]*")
-        return value
+    _check_id = field_validator("id")(_rule_id)
 
     @field_validator("tool")
     @classmethod
