@@ -6,7 +6,8 @@ from pathlib import Path
 
 from corral.policy import Policy
 from corral.sandbox.backend import SandboxSpec
-from corral.sandbox.bwrap import bwrap_argv
+from corral.sandbox.bwrap import bwrap_argv, gpu_binds
+from corral.watch.gpu import device_numbers
 
 
 def _argv(tmp_path: Path, **policy: object) -> list[str]:
@@ -102,7 +103,31 @@ def test_a_host_allocated_grant_binds_exactly_those_gpus(tmp_path: Path) -> None
     a = bwrap_argv(spec, ["true"], dev=dev)
     bound = [a[i + 2] for i, x in enumerate(a) if x == "--dev-bind"]
     assert bound == ["/dev/nvidia3", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
-    assert a[a.index("CUDA_VISIBLE_DEVICES") + 1] == "3,1"
+    # CUDA inside counts only the devices it can open, from 0; with no NVML here to name
+    # them by UUID the grant is the sandbox's own numbering.
+    assert a[a.index("CUDA_VISIBLE_DEVICES") + 1] == "0,1"
+    assert a[a.index("CUDA_DEVICE_ORDER") + 1] == "PCI_BUS_ID"
+
+
+def test_a_grant_names_its_gpus_by_uuid_when_the_driver_can(tmp_path: Path) -> None:
+    dev = _fake_dev(tmp_path, 4)
+    uuids = {n: f"GPU-{n:08x}-aaaa" for n in range(4)}
+    args, env = gpu_binds(1, dev, ids=(3,), uuids=uuids)
+    assert next(args[i + 2] for i, x in enumerate(args) if x == "--dev-bind") == "/dev/nvidia3"
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-00000003-aaaa"
+    # One unknown UUID and the UUIDs cannot name the whole grant: fall back to 0..k-1.
+    _, env = gpu_binds(2, dev, ids=(3, 1), uuids={3: "GPU-3"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_device_numbers_follow_the_driver_not_nvml_order() -> None:
+    class Nvml:
+        def nvmlDeviceGetMinorNumber(self, handle: str) -> int:
+            if handle == "broken":
+                raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+            return {"a": 2, "b": 0}[handle]
+
+    assert device_numbers(Nvml(), ["b", "broken", "a"]) == [0, 1, 2]
 
 
 def test_a_gpu_grant_on_a_machine_without_gpus_is_a_no_op(tmp_path: Path) -> None:

@@ -313,6 +313,20 @@ def test_nvml_processes_merges_lists_and_attributes_sm_util(
     assert backend.processes() == []
 
 
+def test_nvml_names_each_gpu_by_its_device_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    # NVML counts boards in PCI order; the driver numbered their nodes in probe order.
+    # Grants and the watcher speak device nodes, so a process on NVML's board 0 is on
+    # /dev/nvidia1 here.
+    mod = fake_pynvml(
+        [{"compute": [proc(10, 1)]}, {"compute": [proc(20, 2)]}],
+        nvmlDeviceGetMinorNumber=lambda handle: {0: 1, 1: 0}[handle],
+    )
+    backend = open_with(monkeypatch, mod)
+    assert backend is not None
+    assert [(p.pid, p.gpu) for p in backend.processes()] == [(10, 1), (20, 0)]
+    backend.close()
+
+
 def test_nvml_init_failure_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
     mod = fake_pynvml([], nvmlInit=raises(NVMLError(LIB_NOT_FOUND)))
     assert open_with(monkeypatch, mod) is None

@@ -51,8 +51,16 @@ def sample(
     )
 
 
-def gpu(util: float, granted: bool) -> dict[str, Any]:
-    return ev("gpu", gpu=0, util=util, memory=1 << 30, granted=granted, argv=["python3"])
+def gpu(util: float, granted: bool, outlived: bool = False) -> dict[str, Any]:
+    return ev(
+        "gpu",
+        gpu=0,
+        util=util,
+        memory=1 << 30,
+        granted=granted,
+        argv=["python3"],
+        outlived_action=outlived,
+    )
 
 
 def write(path: str) -> dict[str, Any]:
@@ -75,6 +83,7 @@ POSITIVE: list[tuple[str, dict[str, Any]]] = [
     ("mining-pool-dns", dns("SupportXMR.com.")),
     ("resource-hijack-cpu", sample(0.97, outlived=True)),
     ("gpu-hijack", gpu(97.0, granted=False)),
+    ("resource-hijack-gpu", gpu(97.0, granted=True, outlived=True)),
     ("tunnel-ssh-forward", exe("ssh", "-N", "-R", "9999:127.0.0.1:22", "u@h")),
     ("tunnel-ssh-forward", exe("ssh", "-fNL", "8080:localhost:80", "u@h")),  # a cluster
     ("tunnel-ssh-forward", exe("ssh", "-D1080", "u@h")),
@@ -131,6 +140,8 @@ NEGATIVE: list[tuple[str, dict[str, Any]]] = [
     ("resource-hijack-cpu", sample(0.97, outlived=False, argv=("python3", "train.py"))),
     ("resource-hijack-cpu", sample(0.5, outlived=True)),
     ("gpu-hijack", gpu(97.0, granted=True)),
+    ("resource-hijack-gpu", gpu(97.0, granted=True, outlived=False)),  # training, in its step
+    ("resource-hijack-gpu", gpu(10.0, granted=True, outlived=True)),  # a tail of idle memory
     ("gpu-hijack", gpu(10.0, granted=False)),
     ("tunnel-ssh-forward", exe("ssh", "user@host", "ls")),
     # -R after the destination belongs to the remote command, not to ssh.
@@ -192,7 +203,7 @@ def _rule_ids(engine: Engine, event: dict[str, Any]) -> list[str]:
 
 
 def test_the_shipped_rules_load_once_with_their_version(shipped: DetectorRules) -> None:
-    assert shipped.version == "2026.11.2"
+    assert shipped.version == "2026.11.3"
     assert shipped.source.endswith("detectors.yaml")
     assert shipped.lists_version
     assert load_detectors() is shipped  # cached

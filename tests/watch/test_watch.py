@@ -212,6 +212,74 @@ def test_a_gpu_hijack_is_caught_through_the_fake_nvml(tmp_path: Path, ledger: Le
         w.close()
 
 
+def test_a_granted_gpu_kept_busy_after_its_action_is_a_hijack(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    gpu = FakeGpuBackend()
+    w = Watcher(gpu=gpu)
+    gpu_policy = policy(resources={"gpus": 1})
+    try:
+        with Sandbox(gpu_policy, tmp_path, gate=False, ledger=ledger, watch=w) as sb:
+            # Training in its own step: the GPU busy while the action runs is the workload.
+            done: list[Any] = []
+            step = threading.Thread(target=lambda: done.append(sb.run("sleep 4.125; echo ok")))
+            step.start()
+            pid = wait_for(lambda: running("sleep 4.125"))[0]
+            gpu.set([GpuProcess(pid=pid, gpu=0, memory=8 << 30, util=97.0)])
+            step.join()
+            assert done[0].stdout == "ok\n"
+            assert not [a for a in alerts(ledger) if a["category"] == "mining"]
+            # A kernel left spinning in the background after its command returned.
+            r = sb.run("sleep 1000.125 & echo started")
+            pid = wait_for(lambda: running("sleep 1000.125"))[0]
+            gpu.set([GpuProcess(pid=pid, gpu=0, memory=8 << 30, util=97.0)])
+            hijack = wait_for(
+                lambda: [a for a in alerts(ledger) if a["detector"] == "resource-hijack-gpu"]
+            )
+            assert hijack and hijack[0]["_action"] == r.action_id
+            assert wait_for(lambda: not running("sleep 1000.125"))
+            assert not sb.stopped  # the process went, not the sandbox
+            assert not [a for a in alerts(ledger) if a["detector"] == "gpu-hijack"]
+    finally:
+        w.close()
+
+
+def test_a_gpu_process_from_another_pid_namespace_is_put_down_to_its_gpu(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    # corral in a container without the host's pid namespace: NVML names host pids that
+    # no /proc here has. The GPU is this sandbox's alone, so the process is too; it
+    # cannot be picked out, so the sandbox is stopped.
+    gpu = FakeGpuBackend(devices=2)
+    w = Watcher(gpu=gpu)
+    foreign = 99_999_999  # above any pid_max: no process here has it
+    (tmp_path / "other").mkdir()
+    try:
+        with (
+            Sandbox(
+                policy(resources={"gpus": 1}), tmp_path, gate=False, ledger=ledger, watch=w
+            ) as sb,
+            Sandbox(policy(), tmp_path / "other", gate=False, ledger=ledger, watch=w) as other,
+        ):
+            r = sb.run("echo launched")
+            gpu.set(
+                [
+                    GpuProcess(pid=foreign, gpu=0, memory=1 << 30, util=99.0),
+                    GpuProcess(pid=foreign + 1, gpu=1, memory=1 << 30, util=99.0),  # nobody's
+                ]
+            )
+            hijack = wait_for(
+                lambda: [a for a in alerts(ledger) if a["detector"] == "resource-hijack-gpu"]
+            )
+            assert hijack and hijack[0]["_action"] == r.action_id
+            assert hijack[0]["evidence"][0]["fields"]["pid_foreign"] is True
+            assert wait_for(lambda: sb.stopped)
+            assert len(alerts(ledger)) == 1  # GPU 1 is no sandbox's: nothing said of it
+            assert not other.stopped
+    finally:
+        w.close()
+
+
 def test_a_policy_can_end_the_episode_instead(
     tmp_path: Path, ledger: Ledger, watcher: Watcher
 ) -> None:

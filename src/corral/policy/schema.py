@@ -49,6 +49,7 @@ def _rule_id(value: str) -> str:
         raise ValueError(f"invalid rule id {value!r}: use [a-z0-9][a-z0-9._-]*")
     return value
 
+
 # Suffixes under which anyone can obtain a name. A wildcard whose fixed part is one of
 # these (or a bare TLD) lets an agent reach hosts an attacker registers, i.e. it is an
 # exfiltration channel, so it is refused in allow lists. Deliberately small; extend it

@@ -41,6 +41,7 @@ from corral.sandbox.backend import (
     exit_status,
 )
 from corral.sandbox.cgroups import Cgroup, Limits, Usage
+from corral.sandbox.gpus import cuda_visible_devices
 from corral.sandbox.launch import Launched, launch
 from corral.sandbox.netns import listeners_in
 from corral.sandbox.session import IO_DIR, ShellSession
@@ -66,14 +67,18 @@ _NVIDIA_CONTROL = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modese
 
 
 def gpu_binds(
-    count: int, dev: Path = Path("/dev"), ids: Sequence[int] | None = None
+    count: int,
+    dev: Path = Path("/dev"),
+    ids: Sequence[int] | None = None,
+    uuids: Mapping[int, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """bubblewrap arguments and environment that grant ``count`` GPUs: those of ``ids``
-    (a host's allocation), else the first ``count``.
+    (device numbers, a host's allocation), else the first ``count``.
 
     Nothing is granted by default: the sandbox's /dev is minimal and has no GPU node. A
     grant binds only the granted ``/dev/nvidiaN`` plus the control nodes, and sets
-    ``CUDA_VISIBLE_DEVICES`` to match; on a machine without GPUs it grants nothing."""
+    ``CUDA_VISIBLE_DEVICES`` to name exactly those (``uuids``: device number -> UUID,
+    default NVML's); on a machine without GPUs it grants nothing."""
     if count <= 0:
         return [], {}
     wanted = list(ids)[:count] if ids is not None else list(range(count))
@@ -85,9 +90,12 @@ def gpu_binds(
         node = dev / name
         if node.exists():
             args += ["--dev-bind", str(node), f"/dev/{name}"]
-    # The driver still lists every GPU of the machine; only the granted nodes can be
-    # opened, so name them by their own index.
-    return args, {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in granted)}
+    # CUDA counts only the devices it can open, from 0: name the grant by UUID, which
+    # holds in any numbering (gpus.py), and order by PCI bus as nvidia-smi does.
+    return args, {
+        "CUDA_VISIBLE_DEVICES": cuda_visible_devices(granted, uuids),
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    }
 
 
 def bwrap_argv(

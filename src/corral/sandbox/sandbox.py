@@ -443,6 +443,8 @@ class _Target:
         self.sb = sb
         self.id = sb.id
         self.gpus_granted = sb.spec.gpus > 0
+        spec = sb.spec
+        self.gpu_ids = spec.gpu_ids if spec.gpu_ids is not None else tuple(range(spec.gpus))
         self.cpu_limit: float | None = sb.spec.cpus
 
     def processes(self) -> list[int]:
@@ -508,6 +510,10 @@ class _Target:
         response = match.response
         if response == "kill-process" and match.pid is None:
             response = "alert"  # a file write names no process to kill
+        elif response == "kill-process" and any(e.get("pid_foreign") for e in match.evidence):
+            # Known only by NVML's pid from another pid namespace: the process cannot be
+            # picked out of the sandbox, so the sandbox goes.
+            response = "kill-sandbox"
         planned = {
             "kill-process": "killed the process and its children",
             "kill-sandbox": "killed the sandbox",
@@ -542,11 +548,11 @@ class _Target:
             if match.response == "end-episode":
                 sb.episode_ended = reason
         try:
-            if match.response == "kill-process" and match.pid is not None:
+            if response == "kill-process" and match.pid is not None:
                 sb.backend.kill_tree(self.id, match.pid)
-            elif match.response in ("kill-sandbox", "end-episode"):
+            elif response in ("kill-sandbox", "end-episode"):
                 self.stop(reason)
-            elif match.response == "freeze":
+            elif response == "freeze":
                 sb.stopped = f"frozen for inspection: {reason}"
                 sb.backend.freeze(self.id, reason)
         except Exception as exc:  # said in the ledger; the alert stands
@@ -554,7 +560,7 @@ class _Target:
                 {"event": "response failed", "alert": alert.id, "error": repr(exc)},
                 run_id=sb.run_id,
             )
-            return f"{match.response} failed: {exc}"
+            return f"{response} failed: {exc}"
         return planned
 
     def stop(self, reason: str) -> None:

@@ -12,7 +12,7 @@ import importlib
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar, Final, Protocol
@@ -31,8 +31,8 @@ _UTIL_WINDOW_S: Final = 1.0
 class GpuProcess:
     """One process on one GPU."""
 
-    pid: int  # host pid
-    gpu: int  # device index
+    pid: int  # pid as NVML sees it: the host's, unless corral runs in another pid namespace
+    gpu: int  # device number: the N of /dev/nvidiaN (what a grant names)
     memory: int  # bytes used by this process on that GPU (0 if unknown)
     util: float  # percent 0-100 of that GPU's SMs attributed to this process
 
@@ -60,6 +60,8 @@ class NvmlBackend:
         """Wrap an initialised NVML and its device handles; use ``open()``."""
         self._nvml = nvml
         self._handles = handles
+        # NVML counts boards in PCI order; grants name device nodes (sandbox/gpus.py).
+        self._numbers = device_numbers(nvml, handles)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -82,8 +84,8 @@ class NvmlBackend:
             if self._closed:
                 return []
             out: list[GpuProcess] = []
-            for index, handle in enumerate(self._handles):
-                out.extend(self._device_processes(index, handle))
+            for number, handle in zip(self._numbers, self._handles, strict=True):
+                out.extend(self._device_processes(number, handle))
             return out
 
     def close(self) -> None:
@@ -147,6 +149,18 @@ class NvmlBackend:
 
 def _percent(x: float) -> float:
     return min(100.0, max(0.0, x))
+
+
+def device_numbers(nvml: Any, handles: Sequence[Any]) -> list[int]:
+    """The device number of each NVML handle, in NVML's order; NVML's index where the
+    driver cannot say (it then numbers its nodes the same way on every machine seen)."""
+    out: list[int] = []
+    for index, handle in enumerate(handles):
+        try:
+            out.append(int(nvml.nvmlDeviceGetMinorNumber(handle)))
+        except Exception:  # NotSupported on some boards; a broken install raises anything
+            out.append(index)
+    return out
 
 
 def _open_nvml() -> tuple[ModuleType, list[Any]] | str:

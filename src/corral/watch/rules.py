@@ -66,7 +66,7 @@ from corral.policy.schema import RULE_ID_RE, Response
 
 EVENT_KINDS: tuple[str, ...] = ("exec", "net", "dns", "sample", "gpu", "file")
 RESPONSES: tuple[str, ...] = typing.get_args(Response)
-PLACEHOLDERS = frozenset({"program", "host", "port", "pid", "name", "path"})
+PLACEHOLDERS = frozenset({"program", "host", "port", "pid", "name", "path", "gpu"})
 # How many events the evidence of a burst match carries at most.
 MAX_EVIDENCE = 50
 

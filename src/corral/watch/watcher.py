@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from corral.watch.engine import Engine, Match
 from corral.watch.files import IN_CREATE, FileWatch
-from corral.watch.gpu import GpuBackend, open_backend
+from corral.watch.gpu import GpuBackend, GpuProcess, open_backend
 from corral.watch.procevents import ProcConnector
 from corral.watch.rules import DetectorRules, load_detectors
 
@@ -60,6 +60,9 @@ class WatchTarget(Protocol):
 
     id: str
     gpus_granted: bool
+    # The device numbers (N of /dev/nvidiaN) its grant names: a GPU process the watcher
+    # cannot see in /proc is put down to the sandbox holding that GPU.
+    gpu_ids: tuple[int, ...]
     # The sandbox's CPU quota in cores (None: unlimited); a busy process is judged by
     # the share of it that it takes, so a tight quota does not hide a miner.
     cpu_limit: float | None
@@ -458,6 +461,7 @@ class Watcher:
             watched = list(self._watched.values())
         gpu_procs = self.gpu.processes() if self.gpu is not None and watched else []
         now = time.monotonic()
+        unseen = self._unseen_gpu_processes(gpu_procs)
         for w in watched:
             try:
                 pids = w.target.processes()
@@ -481,22 +485,35 @@ class Watcher:
                 w.engine.forget_pid(w.target.id, pid)
             for g in gpu_procs:
                 proc = w.procs.get(g.pid)
-                if proc is None:
+                if proc is not None:
+                    argv, action = proc.argv, proc.action_id
+                    outlived = w.target.action_done(action)
+                elif g.pid in unseen and g.gpu in w.target.gpu_ids:
+                    # NVML speaks another pid namespace's pids (corral in a container
+                    # without the host's): the GPU is this sandbox's alone, so is the
+                    # process. Busy while no action runs is busy after its action.
+                    argv = []
+                    action, outlived = w.target.action_at(time.time())
+                else:
                     continue
-                self._feed(
-                    w,
-                    {
-                        "kind": "gpu",
-                        "pid": g.pid,
-                        "gpu": g.gpu,
-                        "util": g.util,
-                        "memory": g.memory,
-                        "granted": w.target.gpus_granted,
-                        "argv": proc.argv,
-                        "action_id": proc.action_id,
-                        "outlived_action": w.target.action_done(proc.action_id),
-                    },
-                )
+                event = {
+                    "kind": "gpu",
+                    "pid": g.pid,
+                    "gpu": g.gpu,
+                    "util": g.util,
+                    "memory": g.memory,
+                    "granted": w.target.gpus_granted and g.gpu in w.target.gpu_ids,
+                    "argv": argv,
+                    "action_id": action,
+                    "outlived_action": outlived,
+                }
+                if proc is None:
+                    event["pid_foreign"] = True
+                self._feed(w, event)
+
+    def _unseen_gpu_processes(self, gpu_procs: list[GpuProcess]) -> set[int]:
+        """Pids NVML names that this pid namespace has no process for."""
+        return {g.pid for g in gpu_procs if not os.path.exists(f"/proc/{g.pid}")}
 
     def _seen(self, w: _Watched, pid: int, now: float, execed: bool = False) -> None:
         """A process of a watched sandbox: new ones are execs; known ones are sampled.
