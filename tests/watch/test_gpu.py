@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -358,3 +360,27 @@ def test_nvml_success_clears_last_error(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_module_exports() -> None:
     assert gpu.BACKENDS == ("nvml", "fake", "none")
+
+
+# --- the real-GPU check's scripts, where there is no GPU ------------------------------------
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_the_cuda_loop_says_why_it_cannot_run_without_a_driver() -> None:
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "cuda_spin.py"), "count"], capture_output=True, text=True
+    )
+    assert r.returncode == 1
+    assert "libcuda.so.1" in json.loads(r.stdout)["error"]
+
+
+def test_the_gpu_check_refuses_to_pass_without_a_gpu() -> None:
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(BENCH.parent / "src")},
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no GPU to check here" in r.stderr and "NVML" in r.stderr
