@@ -324,6 +324,27 @@ def test_budgets_and_methods(tmp_path: Path, ledger: Ledger, http_server: HTTPSe
     assert r.stdout.endswith("403") and "net-method" in r.stdout
 
 
+def test_an_episode_byte_budget_is_the_proxys_and_says_so(
+    tmp_path: Path, ledger: Ledger, http_server: HTTPServer
+) -> None:
+    allow = f"{http_server.host}:{http_server.port}"
+    policy = Policy.from_dict(
+        {
+            "version": 1,
+            "extends": "strict",
+            "commands": {"default": "allow", "threats": False},
+            "network": {"mode": "proxy", "allow": [allow], "max_bytes": "1MiB"},
+            "resources": {"episode": {"egress_bytes": 0}},  # rl-rollout's: nothing out
+        }
+    )
+    before = http_server.connections()
+    with sandbox(policy, tmp_path, ledger) as sb:
+        r = sb.run(f"curl -s -w ' %{{http_code}}' {http_server.url}/")
+    assert r.stdout.endswith(" 403")
+    assert "resources.episode.egress_bytes" in r.stdout
+    assert http_server.connections() == before
+
+
 def test_killing_the_proxy_stops_the_sandbox_and_nothing_gets_out(
     tmp_path: Path, ledger: Ledger, http_server: HTTPServer
 ) -> None:

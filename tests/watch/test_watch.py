@@ -280,6 +280,33 @@ def test_a_gpu_process_from_another_pid_namespace_is_put_down_to_its_gpu(
         w.close()
 
 
+def test_a_background_burner_spends_the_episode_cpu_budget_and_ends_it(
+    tmp_path: Path, ledger: Ledger, watcher: Watcher
+) -> None:
+    p = policy(resources={"episode": {"cpu_seconds": 1.5}})
+    with Sandbox(p, tmp_path, gate=False, ledger=ledger, watch=watcher) as sb:
+        r = sb.run("nohup python3 -c 'while True: pass' > /dev/null 2>&1 & echo started")
+        assert r.stdout == "started\n" and not r.episode_ended
+        # Nothing runs in the foreground: the watcher holds the budget between commands.
+        assert wait_for(lambda: sb.episode_ended, timeout=15)
+        assert "resources.episode.cpu_seconds" in (sb.episode_ended or "")
+        assert wait_for(lambda: not running("while True: pass"))
+        with pytest.raises(SandboxError, match="CPU budget"):
+            sb.run("echo more")
+    notes = [rec.body for rec in ledger.records(kinds="note")]
+    assert any(n.get("event") == "episode ended" for n in notes)
+
+
+def test_the_cpu_budget_holds_with_the_watcher_off(tmp_path: Path, ledger: Ledger) -> None:
+    p = policy(resources={"episode": {"cpu_seconds": 0.5}})
+    with Sandbox(p, tmp_path, gate=False, ledger=ledger, watch=False) as sb:
+        assert not sb.run("echo cheap").episode_ended
+        r = sb.run("timeout 2 python3 -c 'while True: pass'; echo spent")
+        assert r.episode_ended and sb.episode_ended
+        with pytest.raises(SandboxError, match="CPU budget"):
+            sb.run("echo more")
+
+
 def test_a_policy_can_end_the_episode_instead(
     tmp_path: Path, ledger: Ledger, watcher: Watcher
 ) -> None:

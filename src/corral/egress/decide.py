@@ -21,6 +21,10 @@ from corral.model import Category
 from corral.policy import netdest
 from corral.policy.schema import HostPattern, NetworkSpec
 
+# Beside a sandbox's network section: the policy key its byte budget came from, so the
+# proxy names it to a refused client (sandbox/budget.py lowers it to an episode's).
+BYTES_KEY = "max_bytes_key"
+
 
 @dataclass(frozen=True, slots=True)
 class EgressDecision:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from corral.egress import dnsmsg, http1, socks5, tls
-from corral.egress.decide import EgressDecision, EgressRules
+from corral.egress.decide import BYTES_KEY, EgressDecision, EgressRules
 from corral.egress.peer import SockDiag, find_client
 from corral.policy import netdest
 
@@ -74,6 +74,7 @@ class SandboxState:
     rules: EgressRules
     max_bytes: int | None
     max_connections: int | None
+    bytes_key: str = "network.max_bytes"  # the policy key the byte budget came from
     bytes_used: int = 0
     connections: int = 0
     lanes: dict[str, Lane] = field(default_factory=dict)
@@ -137,11 +138,13 @@ class Proxy:
         sid = msg["sandbox"]
         state = self.sandboxes.get(sid)
         if state is None:
-            network = msg["network"]
+            network = dict(msg["network"])
+            bytes_key = network.pop(BYTES_KEY, "network.max_bytes")
             state = SandboxState(
                 EgressRules.from_dict(network, msg.get("policy", "policy")),
                 network.get("max_bytes"),
                 network.get("max_connections"),
+                bytes_key=bytes_key,
             )
             self.sandboxes[sid] = state
         lane = Lane(sid, msg["lane"], int(msg["pid"]))
@@ -312,7 +315,9 @@ class Proxy:
                 )
             if state.max_bytes is not None and state.bytes_used >= state.max_bytes:
                 return EgressDecision(
-                    False, "net-budget", f"byte budget spent ({state.max_bytes}, network.max_bytes)"
+                    False,
+                    "net-budget",
+                    f"byte budget spent ({state.max_bytes}, {state.bytes_key})",
                 )
             state.connections += 1
         return None
@@ -610,7 +615,7 @@ class Proxy:
             cut = EgressDecision(
                 False,
                 "net-budget",
-                f"byte budget spent ({state.max_bytes}, network.max_bytes); connection cut",
+                f"byte budget spent ({state.max_bytes}, {state.bytes_key}); connection cut",
             )
             self.record(lane, protocol, who, cut, **fields)
         self.emit(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from corral.errors import CorralError
+from corral.sandbox.budget import with_egress_budget
 
 if TYPE_CHECKING:
     from corral.policy import Policy
@@ -114,6 +115,7 @@ class SandboxSpec:
         network = net.model_dump(mode="json") if net.mode == "proxy" else None
         if network is not None:
             env.update(PROXY_ENV)
+            network = with_egress_budget(network, policy.spec.resources.episode.egress_bytes)
         return cls(
             workspace=ws,
             hidden=tuple(host_path(p) for p in fs.hidden),

@@ -49,6 +49,7 @@ from corral.sandbox.backend import (
     SandboxSpec,
     get_backend,
 )
+from corral.sandbox.budget import EpisodeBudget
 from corral.watch.engine import Match
 from corral.watch.watcher import Watcher
 
@@ -129,6 +130,7 @@ class Sandbox:
         self._running: str | None = None
         self.episode_ended: str | None = None
         self.stopped: str | None = None
+        self.budget = EpisodeBudget(cpu_seconds=self.policy.spec.resources.episode.cpu_seconds)
         try:
             self.backend = get_backend(backend) if isinstance(backend, str) else backend
             self.id = self.backend.create(self.spec, self._on_backend_event)
@@ -155,8 +157,9 @@ class Sandbox:
             },
             run_id=run_id,
         )
+        self._target = _Target(self)
         if self.watcher is not None:
-            self.watcher.watch(_Target(self), self.policy.spec.detectors)
+            self.watcher.watch(self._target, self.policy.spec.detectors)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -238,6 +241,8 @@ class Sandbox:
             with self._events_lock:
                 self._running = None
         self._record_exec(action, what, r)
+        if self.budget.cpu_seconds is not None:  # also held between commands, by the watcher
+            self.hold_budget(self.backend.usage(self.id))
         with self._events_lock:
             alerts = tuple(self._alerts)
         if self.review is not None:
@@ -358,6 +363,21 @@ class Sandbox:
             sandbox_id=self.id,
         )
 
+    def hold_budget(self, usage: Mapping[str, Any] | None) -> None:
+        """End the episode if ``usage`` (the cgroup's totals) spends its budget."""
+        reason = self.budget.spent(usage)
+        if reason is None:
+            return
+        with self._events_lock:
+            if self.episode_ended:
+                return
+            self.episode_ended = reason
+        self.ledger.append_note(
+            {"event": "episode ended", "sandbox_id": self.id, "reason": reason},
+            run_id=self.run_id,
+        )
+        self._target.stop(reason)
+
     def open_session(self, name: str, env: Mapping[str, str] | None = None) -> None:
         """Another persistent shell in this sandbox, for ``run(..., session=name)``:
         its own working directory, variables and background jobs; the same workspace,
@@ -433,7 +453,7 @@ class Sandbox:
 
 
 class EpisodeEnded(SandboxError):
-    """A detector ended this sandbox's episode; it takes no more commands."""
+    """The episode was ended (a detector, or a spent budget); it takes no more commands."""
 
 
 class _Target:
@@ -454,7 +474,10 @@ class _Target:
         return self.sb.backend.roots(self.id)
 
     def usage(self) -> Mapping[str, Any] | None:
-        return self.sb.backend.usage(self.id)
+        # Read four times a second: where the episode's CPU budget is held between commands.
+        used = self.sb.backend.usage(self.id)
+        self.sb.hold_budget(used)
+        return used
 
     def watched_dirs(self) -> list[str]:
         home = self.sb.spec.env.get("HOME", SANDBOX_HOME)
