@@ -91,17 +91,34 @@ def _cgroups() -> Check:
     )
 
 
-def _gpus() -> Check:
-    nodes = sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*"))
+def _gpus(dev: Path = Path("/dev")) -> Check:
+    nodes = sorted(p.name for p in dev.glob("nvidia[0-9]*") if p.name[len("nvidia") :].isdigit())
     if not nodes:
         return Check(
             "gpus", True, False, "no NVIDIA GPU on this machine; sandboxes get none anyway"
         )
+    from corral.sandbox.gpus import machine_uuids
+    from corral.watch.gpu import NvmlBackend
+
+    nvml = NvmlBackend.open()
+    if nvml is None:
+        return Check(
+            "gpus",
+            False,
+            False,
+            f"{len(nodes)} GPU(s): {', '.join(nodes)}; granted per policy (resources.gpus), but"
+            f" their use cannot be watched: {NvmlBackend.last_error}",
+        )
+    nvml.close()
+    uuids = machine_uuids()
+    named = all(int(n[len("nvidia") :]) in uuids for n in nodes)
     return Check(
         "gpus",
         True,
         False,
-        f"{len(nodes)} GPU(s): {', '.join(nodes)}; granted per policy (resources.gpus)",
+        f"{len(nodes)} GPU(s): {', '.join(nodes)}; granted per policy (resources.gpus),"
+        + (" named by UUID in CUDA_VISIBLE_DEVICES" if named else " numbered 0..k-1 inside")
+        + "; watched through NVML",
     )
 
 

@@ -384,3 +384,28 @@ def test_the_gpu_check_refuses_to_pass_without_a_gpu() -> None:
     )
     assert r.returncode == 2, r.stdout + r.stderr
     assert "no GPU to check here" in r.stderr and "NVML" in r.stderr
+
+
+def test_doctor_says_whether_gpu_use_can_be_watched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral import doctor
+    from corral.sandbox import gpus
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    assert "no NVIDIA GPU" in doctor._gpus(dev).detail
+    (dev / "nvidia0").write_text("")
+    (dev / "nvidiactl").write_text("")  # a control node, not a GPU
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML: nothing watches the GPU
+    check = doctor._gpus(dev)
+    assert not check.ok and "1 GPU(s): nvidia0" in check.detail
+    assert "cannot be watched" in check.detail and "nvidia-ml-py" in check.detail
+    mod = fake_pynvml([{}], nvmlDeviceGetUUID=lambda handle: b"GPU-0123")
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    gpus.machine_uuids.cache_clear()
+    try:
+        check = doctor._gpus(dev)
+    finally:
+        gpus.machine_uuids.cache_clear()
+    assert check.ok and "named by UUID" in check.detail and "watched through NVML" in check.detail
