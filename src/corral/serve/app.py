@@ -1,17 +1,17 @@
-"""``corral serve``: ROCK's sandbox protocol over HTTP, on one ``Host``.
+"""``corral serve``: ROCK's sandbox protocol over HTTP, on one ``Host`` or a Ray pool.
 
 Every route is under ``/apis/envs/sandbox/v1/`` and answers HTTP 200 with ROCK's
 envelope (see ``protocol``), except a missing or wrong token: HTTP 401, before any
 sandbox is touched. The live view (``/live``, ``/apis/live/v1/``) and ``/metrics`` are
 ``live``'s. Routes are plain functions, run in FastAPI's thread pool; requests to
 one sandbox take turns (``Host.using``), requests to different sandboxes run at once.
+What the routes ask of the sandboxes is ``sandboxes.Sandboxes``.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at
 # runtime, and some name types local to create_app.
 import contextlib
 import shlex
-import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
@@ -22,15 +22,15 @@ from fastapi.responses import JSONResponse
 
 from corral import __version__
 from corral.errors import CorralError
-from corral.host import Host, Hosted
-from corral.host.metrics import HostMetrics
+from corral.host import Host
+from corral.host.metrics import Exposition, HostMetrics
 from corral.host.usage import UsageSampler
-from corral.model import Alert
 from corral.policy.schema import parse_size
 from corral.serve import live
 from corral.serve import protocol as p
 from corral.serve.auth import LOCAL_USER, Tokens, labels_from, token_from
-from corral.serve.fleet import HostFleet
+from corral.serve.fleet import Fleet, HostFleet
+from corral.serve.sandboxes import LocalSandboxes, Sandboxes, Status
 
 PREFIX = "/apis/envs/sandbox/v1"
 UPLOAD_LIMIT = 256 << 20
@@ -44,13 +44,33 @@ class _Refused(Exception):
         self.message, self.error = message, error
 
 
-def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> FastAPI:
-    """The API over ``host``. ``tokens`` None: no token asked for (loopback only; the
-    caller checks the address it binds). ``live_view``: serve the live page and its API
-    (``/metrics`` is served either way)."""
-    metrics = HostMetrics(host)
-    sampler = UsageSampler(host) if live_view else None
-    fleet = HostFleet(host, sampler) if live_view else None
+def create_app(
+    host: Host | Sandboxes,
+    tokens: Tokens | None,
+    *,
+    live_view: bool = True,
+    fleet: Fleet | None = None,
+    metrics: Exposition | None = None,
+) -> FastAPI:
+    """The API over ``host``: one ``Host`` in this process, or any ``Sandboxes`` (a Ray
+    pool's). ``tokens`` None: no token asked for (loopback only; the caller checks the
+    address it binds). ``live_view``: serve the live page and its API (``/metrics`` is
+    served either way). Over a ``Host`` the fleet and metrics are that host's; otherwise
+    pass the ``fleet`` (None: no live view) and ``metrics`` to serve."""
+    sampler: UsageSampler | None = None
+    owned: list[Any] = []  # what this app made, and closes
+    if isinstance(host, Host):
+        sandboxes: Sandboxes = LocalSandboxes(host)
+        metrics = HostMetrics(host)
+        owned.append(metrics)
+        if live_view:
+            sampler = UsageSampler(host)
+            fleet = HostFleet(host, sampler)
+            owned.append(fleet)
+    else:
+        sandboxes = host
+    if not live_view:
+        fleet = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,17 +83,16 @@ def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> 
                 app.state.streams.close()
             if sampler is not None:
                 sampler.close()
-            if fleet is not None:
-                fleet.close()
-            metrics.close()
+            for part in owned:
+                part.close()
 
     app = FastAPI(
         title="corral", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan
     )
     app.state.host = host
+    app.state.sandboxes = sandboxes
     app.state.metrics = metrics
     app.state.streams = live.mount(app, fleet, metrics, tokens)
-    hostname = socket.gethostname()
 
     def caller(request: Request) -> str:
         if tokens is None:
@@ -114,31 +133,29 @@ def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> 
             return str(server[0])
         return "127.0.0.1"
 
-    def status_of(h: Hosted, request: Request) -> dict[str, Any]:
-        spec = h.sandbox.spec
-        alive = h.alive
+    def status_of(st: Status, request: Request) -> dict[str, Any]:
         stage = {"status": "success", "message": "corral sandbox ready"}
         return {
-            "sandbox_id": h.id,
+            "sandbox_id": st.id,
             "status": {"image_pull": stage, "docker_run": stage},
-            "state": "running" if alive else "stopped",
-            "is_alive": alive,
-            "host_name": hostname,
+            "state": "running" if st.alive else "stopped",
+            "is_alive": st.alive,
+            "host_name": st.host_name,
             "host_ip": server_ip(request),
-            "image": h.profile.name,
-            "user_id": h.labels.get("user_id"),
-            "experiment_id": h.labels.get("experiment_id"),
-            "namespace": h.labels.get("namespace"),
-            "cpus": spec.cpus,
-            "memory": p.size_text(spec.memory),
-            "start_time": _iso(h.created),
-            "stop_time": _iso(h.stopped_at) if h.stopped_at else None,
+            "image": st.profile,
+            "user_id": st.labels.get("user_id"),
+            "experiment_id": st.labels.get("experiment_id"),
+            "namespace": st.labels.get("namespace"),
+            "cpus": st.cpus,
+            "memory": p.size_text(st.memory),
+            "start_time": _iso(st.created),
+            "stop_time": _iso(st.stopped_at) if st.stopped_at else None,
             # corral's own: where the workspace is, and why it stopped.
-            "workdir": str(h.workspace),
-            "policy": h.sandbox.policy.name,
-            "stopped": h.stopped or h.sandbox.stopped,
-            "episode_ended": h.episode_ended,
-            "alerts": len(h.sandbox.alerts),
+            "workdir": st.workdir,
+            "policy": st.policy,
+            "stopped": st.stopped,
+            "episode_ended": st.episode_ended,
+            "alerts": st.alerts,
         }
 
     # ---------------------------------------------------------------- lifecycle
@@ -148,7 +165,7 @@ def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> 
         with answering("start sandbox failed"):
             minutes = body.auto_clear_time_minutes or body.auto_clear_time
             memory = parse_size(body.memory) if body.memory else None
-            h = host.start(
+            st = sandboxes.start(
                 body.image,
                 owner=user,
                 sandbox_id=body.sandbox_id,
@@ -157,41 +174,40 @@ def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> 
                 memory=memory,
                 cpus=p.parse_cpus(body.cpus),
             )
-        spec = h.sandbox.spec
         return p.envelope(
             {
-                "sandbox_id": h.id,
-                "host_name": hostname,
+                "sandbox_id": st.id,
+                "host_name": st.host_name,
                 "host_ip": server_ip(request),
-                "cpus": spec.cpus,
-                "memory": p.size_text(spec.memory),
+                "cpus": st.cpus,
+                "memory": p.size_text(st.memory),
             }
         )
 
     @app.get(f"{PREFIX}/get_status")
     def get_status(sandbox_id: str, request: Request, user: User) -> dict[str, Any]:
         with answering("get sandbox status failed"):
-            h = host.get(sandbox_id, user)
-        return p.envelope(status_of(h, request))
+            st = sandboxes.status(sandbox_id, user)
+        return p.envelope(status_of(st, request))
 
     @app.get(f"{PREFIX}/is_alive")
     def is_alive(sandbox_id: str, user: User) -> dict[str, Any]:
         try:
-            h = host.get(sandbox_id, user)
+            st = sandboxes.status(sandbox_id, user)
         except CorralError:
             return p.envelope({"is_alive": False, "message": f"no sandbox {sandbox_id!r}"})
-        return p.envelope({"is_alive": h.alive, "message": hostname})
+        return p.envelope({"is_alive": st.alive, "message": st.host_name})
 
     @app.post(f"{PREFIX}/stop")
     def stop(body: p.SandboxRef, user: User) -> dict[str, Any]:
         with answering("stop sandbox failed"):
-            host.stop(body.sandbox_id, user, "stopped by the client")
+            sandboxes.stop(body.sandbox_id, user, "stopped by the client")
         return p.envelope(f"{body.sandbox_id} stopped")
 
     @app.post(f"{PREFIX}/delete")
     def delete(body: p.SandboxRef, user: User) -> dict[str, Any]:
         with contextlib.suppress(CorralError):  # ROCK: deleting an unknown one succeeds
-            host.delete(body.sandbox_id, user)
+            sandboxes.delete(body.sandbox_id, user)
         return p.envelope(f"{body.sandbox_id} deleted")
 
     @app.get(f"{PREFIX}/get_token")
@@ -208,45 +224,35 @@ def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> 
         what = "create session failed"
         if body.remote_user not in (None, "", "root"):
             raise _Refused(what, "remote_user is not supported: a sandbox has one user")
-        with answering(what), host.using(body.sandbox_id, user) as h:
-            h.sandbox.open_session(body.session, body.env)
-            output = ""
-            for path in body.startup_source:
-                r = h.sandbox.run(f"source {shlex.quote(path)}", session=body.session)
-                output += r.stdout + r.stderr
+        with answering(what):
+            output = sandboxes.open_session(
+                body.sandbox_id, user, body.session, body.env, body.startup_source
+            )
         return p.envelope({"session_type": "bash", "output": output})
 
     @app.post(f"{PREFIX}/close_session")
     def close_session(body: p.CloseSessionRequest, user: User) -> dict[str, Any]:
-        what = "close session failed"
-        with answering(what), host.using(body.sandbox_id, user) as h:
-            h.sandbox.close_session(body.session)
+        with answering("close session failed"):
+            sandboxes.close_session(body.sandbox_id, user, body.session)
         return p.envelope({"session_type": "bash"})
 
     @app.post(f"{PREFIX}/run_in_session")
     def run_in_session(body: p.BashAction, user: User) -> dict[str, Any]:
-        what = "run in session failed"
-        with answering(what), host.using(body.sandbox_id, user) as h:
-            r = h.sandbox.run(body.command, timeout=body.timeout, session=body.session)
-            refused = r.stderr.strip() if r.refused else None
-            reason = p.failure_reason(
-                list(h.sandbox.alerts), refused, h.episode_ended, h.sandbox.stopped
+        with answering("run in session failed"):
+            r = sandboxes.run(
+                body.sandbox_id, user, body.command, timeout=body.timeout, session=body.session
             )
-            limit = body.timeout if body.timeout is not None else h.sandbox.spec.wall_time
-            return p.observation(body, r.exit_code, r.stdout + r.stderr, reason, r.timed_out, limit)
+        return p.observation(
+            body, r.exit_code, r.stdout + r.stderr, r.failure, r.timed_out, r.limit
+        )
 
     @app.post(f"{PREFIX}/execute")
     def execute(body: p.CommandRequest, user: User) -> dict[str, Any]:
-        what = "execute command failed"
-        with answering(what), host.using(body.sandbox_id, user) as h:
-            command = _command_line(body)
-            r = h.sandbox.run(command, timeout=body.timeout)
-            reason = p.failure_reason(
-                list(h.sandbox.alerts), None, h.episode_ended, h.sandbox.stopped
-            )
+        with answering("execute command failed"):
+            r = sandboxes.run(body.sandbox_id, user, _command_line(body), timeout=body.timeout)
         # The sandbox already says on stderr that it was stopped; not twice.
         said = set(r.stderr.splitlines())
-        extra = "".join(f"{line}\n" for line in reason.splitlines() if line not in said)
+        extra = "".join(f"{line}\n" for line in r.failure.splitlines() if line not in said)
         return p.envelope(
             {"stdout": r.stdout, "stderr": r.stderr + extra, "exit_code": r.exit_code}
         )
@@ -254,20 +260,15 @@ def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> 
     # ---------------------------------------------------------------- files
     @app.post(f"{PREFIX}/read_file")
     def read_file(body: p.ReadFileRequest, user: User) -> dict[str, Any]:
-        what = "read file failed"
-        with answering(what), host.using(body.sandbox_id, user) as h:
-            data = h.sandbox.backend.read_file(h.sandbox.id, body.path)
+        with answering("read file failed"):
+            data = sandboxes.read_file(body.sandbox_id, user, body.path)
             content = data.decode(body.encoding or "utf-8", body.errors or "strict")
-            _note(h, "file read", body.path, len(data))
         return p.envelope({"content": content})
 
     @app.post(f"{PREFIX}/write_file")
     def write_file(body: p.WriteFileRequest, user: User) -> dict[str, Any]:
-        what = "write file failed"
-        with answering(what), host.using(body.sandbox_id, user) as h:
-            data = body.content.encode()
-            h.sandbox.write_file(body.path, data)
-            _note(h, "file written", body.path, len(data))
+        with answering("write file failed"):
+            sandboxes.write_file(body.sandbox_id, user, body.path, body.content.encode())
         return p.envelope({"success": True, "message": f"wrote {body.path}"})
 
     @app.post(f"{PREFIX}/upload")
@@ -278,12 +279,11 @@ def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> 
         sandbox_id: Annotated[str, Form()],
     ) -> dict[str, Any]:
         what = "upload file failed"
-        with answering(what), host.using(sandbox_id, user) as h:
-            data = file.file.read(UPLOAD_LIMIT + 1)
-            if len(data) > UPLOAD_LIMIT:
-                raise _Refused(what, f"the file is larger than {UPLOAD_LIMIT} bytes")
-            h.sandbox.write_file(target_path, data)
-            _note(h, "file uploaded", target_path, len(data))
+        data = file.file.read(UPLOAD_LIMIT + 1)
+        if len(data) > UPLOAD_LIMIT:
+            raise _Refused(what, f"the file is larger than {UPLOAD_LIMIT} bytes")
+        with answering(what):
+            sandboxes.write_file(sandbox_id, user, target_path, data, "file uploaded")
         return p.envelope(
             {"success": True, "message": f"uploaded to {target_path}", "file_name": file.filename}
         )
@@ -294,15 +294,14 @@ def create_app(host: Host, tokens: Tokens | None, *, live_view: bool = True) -> 
         """Every alert of the sandbox from index ``since`` on, and whether its episode
         was ended: what a trainer reads to penalise or drop a trajectory."""
         with answering("get alerts failed"):
-            h = host.get(sandbox_id, user)
-        found = list(h.sandbox.alerts)
+            got = sandboxes.alerts(sandbox_id, user, since)
         return p.envelope(
             {
-                "sandbox_id": h.id,
-                "alerts": [_alert_dict(a) for a in found[since:]],
-                "next": len(found),
-                "episode_ended": h.episode_ended,
-                "stopped": h.stopped or h.sandbox.stopped,
+                "sandbox_id": sandbox_id,
+                "alerts": got.alerts,
+                "next": got.next,
+                "episode_ended": got.episode_ended,
+                "stopped": got.stopped,
             }
         )
 
@@ -334,22 +333,3 @@ def _command_line(body: p.CommandRequest) -> str:
             raise _Refused("execute command failed", f"bad environment variable name {k!r}")
         prefix += f"export {k}={shlex.quote(v)} && "
     return f"( {prefix}{line}\n)" if prefix else line
-
-
-def _note(h: Hosted, event: str, path: str, size: int) -> None:
-    h.sandbox.ledger.append_note(
-        {"event": event, "sandbox_id": h.sandbox.id, "path": path, "bytes": size},
-        run_id=h.sandbox.run_id,
-    )
-
-
-def _alert_dict(a: Alert) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "detector": a.detector,
-        "category": a.category.value,
-        "severity": a.severity.value,
-        "response": a.response,
-        "action_id": a.action_id,
-        "time": a.time,
-    }

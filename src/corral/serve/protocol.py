@@ -166,3 +166,16 @@ def size_text(n: int) -> str:
 
 def parse_cpus(value: float | None) -> float | None:
     return value if value is not None and value > 0 else None
+
+
+def alert_dict(a: Alert) -> dict[str, Any]:
+    """An alert as the ``/alerts`` route lists it."""
+    return {
+        "id": a.id,
+        "detector": a.detector,
+        "category": a.category.value,
+        "severity": a.severity.value,
+        "response": a.response,
+        "action_id": a.action_id,
+        "time": a.time,
+    }
