@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -250,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-live",
         action="store_true",
         help="serve neither the live view (/live) nor its API; /metrics is served either way",
+    )
+    sv.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="serve a Ray cluster's sandboxes, one corral host per node (ADDRESS as ray.init"
+        " takes it: auto, HOST:PORT, ray://HOST:PORT; 'local' starts Ray here). Needs corral[ray]",
+    )
+    sv.add_argument(
+        "--overcommit",
+        type=float,
+        default=1.0,
+        help="with --ray: how many times a node's CPUs and memory sandboxes may reserve",
     )
     _add_state(sv)
 
@@ -1040,6 +1053,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from corral.serve.server import check_exposure, serve_forever, tokens_from
 
     tokens = check_exposure(args.host, tokens_from(args.tokens), args.local_only)
+    if args.ray:
+        return _serve_pool(args, tokens)
     profiles = ProfileRegistry.load(args.profiles)
     host = Host(
         profiles=profiles,
@@ -1057,6 +1072,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_live:
         print(f"live view: {base}/live, metrics: {base}/metrics", file=sys.stderr)
     serve_forever(host, args.host, args.port, tokens, live_view=not args.no_live)
+    return EXIT_OK
+
+
+def _serve_pool(args: argparse.Namespace, tokens: Any) -> int:
+    try:
+        import ray
+
+        from corral.ray import SandboxPool
+        from corral.ray.serving import pool_app
+    except ImportError as e:
+        print(f"corral: error: --ray needs Ray: pip install 'corral[ray]' ({e})", file=sys.stderr)
+        return EXIT_USAGE
+    from corral.serve.server import serve_app_forever
+
+    ray.init(address=None if args.ray == "local" else args.ray, logging_level=logging.WARNING)
+    pool = SandboxPool(
+        profiles=args.profiles,
+        overcommit=args.overcommit,
+        state_dir=corral_home(args.home) / "cluster" / "corral",
+        gate=not args.no_gate,
+    )
+    hosts = pool.hosts()
+    base = f"http://{args.host}:{args.port}"
+    who = "no token (loopback only)" if tokens is None else f"{len(tokens.by_token)} token(s)"
+    print(
+        f"corral serve: {base}/apis/envs/sandbox/v1 ({who}; Ray pool of {len(hosts)} host(s):"
+        f" {', '.join(h['name'] for h in hosts)}; ledgers: {pool.state_dir}, read them with"
+        f" corral log --cluster {pool.state_dir})",
+        file=sys.stderr,
+    )
+    if not args.no_live:
+        print(f"live view: {base}/live, metrics: {base}/metrics", file=sys.stderr)
+
+    def close() -> None:
+        pool.close()
+        ray.shutdown()
+
+    app = pool_app(pool, tokens, live_view=not args.no_live)
+    serve_app_forever(app, args.host, args.port, close=close)
     return EXIT_OK
 
 

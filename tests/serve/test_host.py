@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -245,3 +246,28 @@ def test_gpu_sandboxes_each_get_their_own_gpus_and_give_them_back(tmp_path: Path
         c = host.start("trainer")
         assert c.sandbox.spec.gpu_ids == (0, 1)
         assert host.start("plain").sandbox.spec.gpu_ids is None  # no grant, no GPUs
+
+
+def test_a_marker_cut_short_by_a_kill_is_reaped_with_what_it_names(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    from corral.host import orphans
+
+    root = tmp_path / "host"
+    live = root / ".live"
+    live.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])  # a host that has exited
+    gone.wait()
+    workspace = root / "abc"
+    workspace.mkdir()
+    body = {"pid": gone.pid, "start": "1", "workspace": str(workspace), "cgroups": []}
+    # Killed between the write and the rename: whole, and cut short.
+    (live / f"abc.{gone.pid}-1.tmp").write_text(json.dumps(body))
+    (live / f"def.{gone.pid}-1.tmp").write_text(json.dumps(body)[:20])
+    # One being written by a host that runs (this process) is left alone.
+    me = orphans._start_time(os.getpid())
+    (live / f"ghi.{os.getpid()}-{me}.tmp").write_text("{")
+    assert orphans.reap(root) == ["abc"]
+    assert not workspace.exists()
+    assert sorted(p.name for p in live.iterdir()) == [f"ghi.{os.getpid()}-{me}.tmp"]

@@ -46,7 +46,9 @@ def mark(root: Path, hosted_id: str, workspace: Path, sandbox_id: str | None = N
         "cgroups": [str(d) for d in cg.dirs] if cg else [],
         "workspace": str(workspace),
     }
-    tmp = marker.with_suffix(".tmp")
+    # Named for its writer: a host killed between the write and the rename leaves it, and
+    # the reaper must tell whether that writer still runs even if the text is cut short.
+    tmp = marker.with_name(f"{hosted_id}.{body['pid']}-{body['start']}.tmp")
     tmp.write_text(json.dumps(body))
     os.replace(tmp, marker)
     return marker
@@ -75,7 +77,8 @@ def unmark(marker: Path) -> None:
 def reap(root: Path) -> list[str]:
     """Remove what dead hosts left in ``root``; the host's ids of the sandboxes reaped."""
     reaped = []
-    for marker in sorted((root / _DIR).glob("*.json")):
+    where = root / _DIR
+    for marker in sorted(where.glob("*.json")):
         try:
             body = json.loads(marker.read_text())
         except (OSError, ValueError):
@@ -83,20 +86,40 @@ def reap(root: Path) -> list[str]:
         pid, start = body.get("pid"), body.get("start")
         if isinstance(pid, int) and start is not None and _start_time(pid) == start:
             continue  # its host still runs
-        workspace = body.get("workspace")
-        if isinstance(workspace, str):
-            _kill_bubblewraps(workspace)
-        dirs = [Path(d) for d in body.get("cgroups") or []]
-        version = body.get("version")
-        existing = [d for d in dirs if d.is_dir()]
-        if existing and version in ("v1", "v2"):
-            leftover = Cgroup(
-                version, existing, Limits(0, 0, 0), [d / "cgroup.procs" for d in existing]
-            )
-            leftover.remove()
-        if isinstance(workspace, str) and Path(workspace).parent == root:
-            shutil.rmtree(workspace, ignore_errors=True)
+        _remove(root, body)
         with contextlib.suppress(OSError):
             marker.unlink()
         reaped.append(marker.stem)
+    for tmp in sorted(where.glob("*.tmp")):
+        hosted_id, _, writer = tmp.name[: -len(".tmp")].rpartition(".")
+        pid, _, start = writer.partition("-")
+        if pid.isdigit() and _start_time(int(pid)) == start:
+            continue  # being written now
+        with contextlib.suppress(OSError, ValueError):
+            _remove(root, json.loads(tmp.read_text()))
+            if hosted_id not in reaped:
+                reaped.append(hosted_id)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return reaped
+
+
+def _remove(root: Path, body: dict[str, object]) -> None:
+    """What one marker names: bubblewraps on its workspace, its cgroups, the workspace."""
+    workspace = body.get("workspace")
+    if isinstance(workspace, str):
+        _kill_bubblewraps(workspace)
+    cgroups = body.get("cgroups")
+    dirs = [Path(str(d)) for d in cgroups] if isinstance(cgroups, list) else []
+    version = body.get("version")
+    existing = [d for d in dirs if d.is_dir()]
+    if existing and version in ("v1", "v2"):
+        leftover = Cgroup(
+            version,
+            existing,
+            Limits(0, 0, 0),
+            [d / "cgroup.procs" for d in existing],
+        )
+        leftover.remove()
+    if isinstance(workspace, str) and Path(workspace).parent == root:
+        shutil.rmtree(workspace, ignore_errors=True)

@@ -23,11 +23,16 @@ from corral.host.usage import UsageSampler
 from corral.ledger import Ledger
 from corral.sandbox import Result
 from corral.serve.fleet import Caller, HostFleet, HostInfo, SandboxInfo
+from corral.serve.sandboxes import LocalSandboxes
 from corral.serve.timeline import LiveEvent, Timeline
 
 # What the driver is told about as it happens; decisions and raw events stay in the
 # node's ledger, where `corral log --cluster` finds them.
 _STREAMED = frozenset({"alert", STARTED, STOPPED})
+_ROCK_OPS = frozenset(
+    {"status", "stop", "delete", "run", "open_session", "close_session", "read_file"}
+    | {"write_file", "alerts"}
+)
 
 
 class HostService:
@@ -70,6 +75,8 @@ class HostService:
         self._sampler = UsageSampler(self.host).start()
         self.fleet = HostFleet(self.host, self._sampler, name=name)
         self.fleet.subscribe(self._on_live)
+        # ROCK's routes, served by the driver (`corral serve --ray`), asked of this host.
+        self.sandboxes = LocalSandboxes(self.host)
 
     def _on_event(self, event: HostEvent) -> None:
         if event.kind not in _STREAMED:
@@ -168,6 +175,12 @@ class HostService:
 
     def delete(self, sandbox_id: str) -> None:
         self.host.delete(sandbox_id)
+
+    def rock(self, sandbox_id: str, op: str, owner: str, *args: Any, **kwargs: Any) -> Any:
+        """One of ``corral.serve.sandboxes.Sandboxes``'s calls, owner checked here."""
+        if op not in _ROCK_OPS:
+            raise ValueError(f"{op!r} is not a sandbox operation")
+        return getattr(self.sandboxes, op)(sandbox_id, owner, *args, **kwargs)
 
     def metrics(self) -> bytes:
         """This host's Prometheus exposition (``corral.host.metrics``)."""

@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import uvicorn
@@ -65,12 +65,6 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def _server(
-    host: Host, address: str, port: int, tokens: Tokens | None, live_view: bool = True
-) -> _Server:
-    return _server_for(create_app(host, tokens, live_view=live_view), address, port)
-
-
 def _server_for(app: FastAPI, address: str, port: int) -> _Server:
     config = uvicorn.Config(
         app,
@@ -89,7 +83,14 @@ def serve_forever(
     host: Host, address: str, port: int, tokens: Tokens | None, *, live_view: bool = True
 ) -> None:
     """Until SIGINT or SIGTERM; then every sandbox is stopped and recorded as such."""
-    server = _server(host, address, port, tokens, live_view)
+    serve_app_forever(
+        create_app(host, tokens, live_view=live_view), address, port, close=host.close
+    )
+
+
+def serve_app_forever(app: FastAPI, address: str, port: int, *, close: Callable[[], None]) -> None:
+    """``app`` until SIGINT or SIGTERM; then ``close`` (which stops the sandboxes)."""
+    server = _server_for(app, address, port)
     # uvicorn shuts down gracefully on a signal, then raises it again for the handler it
     # found installed. Installing one that only notes it lets the host close its
     # sandboxes (and write that to the ledger) instead of dying on the spot.
@@ -101,7 +102,7 @@ def serve_forever(
     try:
         server.run()
     finally:
-        host.close()
+        close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
