@@ -7,6 +7,9 @@ Prints, measured in one run on this machine:
   at a time, through the pool on a local Ray cluster of ``--nodes`` logical nodes
   (asyncio: ``astart`` then ``arun``), against the same through ``Host`` directly in
   this process (threads: ``start`` then ``run``): wall time, rate, and the ratio;
+- the round trip of ROCK's SDK ``arun`` (an open session, ``echo ok``) through
+  ``corral serve --ray`` (``corral.ray.serving``: the driver routes it to the sandbox's
+  host) against ``corral serve`` on one local host; median of ``--round-trips``;
 - memory per idle sandbox (its shell started, nothing running): the proportional set
   size (PSS, shared pages split between their users) of the host processes (the pool's
   host actors; for the local host, this process) plus every process in the sandboxes'
@@ -74,9 +77,37 @@ def _footprint(hosts: list[int], ids: set[str]) -> int:
     return _pss_of(hosts) + _pss_of(_sandbox_pids(ids))
 
 
-def local(n: int, concurrency: int, tmp: Path) -> tuple[float, float]:
+def sdk_round_trip(url: str, n: int) -> float:
+    """Median seconds of ROCK's SDK ``arun`` in an open session, against ``url``."""
+    import statistics
+    import warnings
+
+    from rock.actions import CreateBashSessionRequest
+    from rock.sdk.sandbox.client import Sandbox as RockSandbox
+    from rock.sdk.sandbox.config import SandboxConfig
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # the SDK's own
+
+    async def trips() -> float:
+        sb = RockSandbox(SandboxConfig(base_url=url, image=PROFILE, startup_timeout=60))
+        await sb.start()
+        await sb.create_session(CreateBashSessionRequest(session="bench"))
+        times = []
+        for _ in range(n + 5):
+            t0 = time.perf_counter()
+            r = await sb.arun(COMMAND, session="bench")
+            times.append(time.perf_counter() - t0)
+            assert r.output == "ok\n", r
+        await sb.stop()
+        return statistics.median(times[5:])  # the first few warm the connection
+
+    return asyncio.run(trips())
+
+
+def local(n: int, concurrency: int, tmp: Path, trips: int) -> tuple[float, float, float]:
     from corral.host import Host
     from corral.ledger import Ledger
+    from corral.serve.server import serving
 
     with (
         Ledger.open(tmp / "local.db") as ledger,
@@ -100,14 +131,17 @@ def local(n: int, concurrency: int, tmp: Path) -> tuple[float, float]:
         per = (_footprint([os.getpid()], inner) - base) / n
         with concurrent.futures.ThreadPoolExecutor(concurrency) as ex:
             list(ex.map(host.delete, ids))
-    return wall, per
+        with serving(host) as url:
+            rt = sdk_round_trip(url, trips)
+    return wall, per, rt
 
 
-def pool(n: int, concurrency: int, nodes: int, tmp: Path) -> tuple[float, float]:
+def pool(n: int, concurrency: int, nodes: int, tmp: Path, trips: int) -> tuple[float, float, float]:
     import ray
     from ray.cluster_utils import Cluster
 
     from corral.ray import SandboxPool
+    from corral.ray.serving import serving_pool
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(nodes):
@@ -150,10 +184,12 @@ def pool(n: int, concurrency: int, nodes: int, tmp: Path) -> tuple[float, float]
                 await asyncio.gather(*(sb.aclose() for sb in sbs))  # type: ignore[attr-defined]
 
             asyncio.run(close_all())
+            with serving_pool(p) as url:
+                rt = sdk_round_trip(url, trips)
     finally:
         ray.shutdown()
         c.shutdown()
-    return wall, per
+    return wall, per, rt
 
 
 def main() -> None:
@@ -161,17 +197,22 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=1000, help="sandboxes per side")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--nodes", type=int, default=2, help="logical Ray nodes")
+    ap.add_argument("--round-trips", type=int, default=200, help="SDK round trips per side")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        lw, lmem = local(args.n, args.concurrency, Path(tmp))
-        pw, pmem = pool(args.n, args.concurrency, args.nodes, Path(tmp))
+        lw, lmem, lrt = local(args.n, args.concurrency, Path(tmp), args.round_trips)
+        pw, pmem, prt = pool(args.n, args.concurrency, args.nodes, Path(tmp), args.round_trips)
     print(
         f"pool bench: {args.n} sandboxes, first command '{COMMAND}', {args.concurrency} at a time"
     )
     print(f"  local host : {lw:7.2f} s  {args.n / lw:7.1f} sandboxes/s")
     print(f"  Ray pool   : {pw:7.2f} s  {args.n / pw:7.1f} sandboxes/s  ({args.nodes} nodes)")
     print(f"  ratio pool/local wall time: {pw / lw:.2f}x  (rate {lw / pw:.2f}x of local)")
+    print(
+        f"  ROCK SDK arun round trip, median of {args.round_trips}: corral serve --ray"
+        f" {prt * 1e3:.2f} ms, corral serve {lrt * 1e3:.2f} ms, ratio {prt / lrt:.2f}x"
+    )
     print(
         f"  memory per idle sandbox (PSS): pool {pmem / 2**20:.2f} MiB, local {lmem / 2**20:.2f} MiB"
     )
