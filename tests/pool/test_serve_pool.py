@@ -75,6 +75,9 @@ def test_the_rock_sdk_runs_rollouts_across_the_pool(pool: SandboxPool) -> None:
         # Placed by room: four sandboxes over two hosts, both used.
         hosts = {s.host for s in pool.sandboxes}
         assert hosts == {"host-0", "host-1"}, pool.sandboxes
+        # Stopped sandboxes hold nothing of their node, though they still answer.
+        assert wait_for(lambda: all(h["reserved_cpus"] == 0 for h in pool.hosts()))
+        assert len(pool.sandboxes) == 4
         # Each host checks the owner: bob is told alice's sandbox does not exist.
         mine = call(url, "get_status", ALICE, sandbox_id=ids[0])
         assert mine["status"] == "Success" and mine["result"]["state"] == "stopped"

@@ -79,7 +79,10 @@ class PoolSandbox:
         self.alerts: list[Alert] = []
         self.episode_ended: str | None = None
         self.stopped: str | None = None
+        # What it reserves on its host: given back when it stops (its processes are
+        # gone), though it stays known (its status and alerts) until it is closed.
         self._req: Request | None = req
+        self._closed = False
 
     @property
     def host(self) -> str:
@@ -121,7 +124,7 @@ class PoolSandbox:
 
     def close(self) -> None:
         """Stop the sandbox and free its place; a sandbox whose host died is closed."""
-        if self._req is None:
+        if self._closed:
             return
         try:
             if self.failed is None:
@@ -161,7 +164,7 @@ class PoolSandbox:
         await self._acall("write_file", path, text)
 
     async def aclose(self) -> None:
-        if self._req is None:
+        if self._closed:
             return
         try:
             if self.failed is None:
@@ -181,7 +184,7 @@ class PoolSandbox:
     def _check(self) -> None:
         if self.failed is not None:
             raise HostLost(f"sandbox {self.id}: {self.failed}")
-        if self._req is None:
+        if self._closed:
             raise SandboxError(f"sandbox {self.id} was closed")
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -452,9 +455,16 @@ class SandboxPool:
                 host.capacity = host.capacity.release(req)
 
     def _release(self, sb: PoolSandbox) -> None:
+        """Forget a closed sandbox and give back what it reserved."""
+        with self._lock:
+            sb._closed = True
+            self._sandboxes.pop(sb.id, None)
+        self._free(sb)
+
+    def _free(self, sb: PoolSandbox) -> None:
+        """Give back what a sandbox reserved (once): it stopped, or it is closed."""
         with self._lock:
             req, sb._req = sb._req, None
-            self._sandboxes.pop(sb.id, None)
         if req is not None:
             self._unreserve(sb._host, req)
 
@@ -563,6 +573,7 @@ class SandboxPool:
                 sb = self._sandboxes.get(event["sandbox"])
             if sb is not None:
                 sb.stopped = str(event["body"].get("reason"))
+                self._free(sb)  # stopped by its host (idle, a detector, a client)
         self._publish(event)
 
     def _publish(self, event: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ Fail closed: if the watcher's thread dies, every sandbox it watched is stopped.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import ctypes
 import os
@@ -248,6 +249,7 @@ class Watcher:
         self._stop = threading.Event()
         self.died: str | None = None
         self.ticks = 0
+        self.tick_starts: collections.deque[float] = collections.deque(maxlen=64)  # monotonic
         # The last cgroup sample of each sandbox, for a live view (``latest``).
         self._latest: dict[str, dict[str, Any]] = {}
         self._pid_sandbox: dict[int, str] = {}  # every known process of a watched sandbox
@@ -372,10 +374,16 @@ class Watcher:
                 elif self._connector is not None:
                     self._connector_events()
             self._drain()
-            if time.monotonic() >= next_tick:
+            now = time.monotonic()
+            if now >= next_tick:
+                self.tick_starts.append(now)
                 self._tick()
                 self.ticks += 1
-                next_tick = time.monotonic() + self.interval
+                # At a fixed rate, not a fixed pause: a tick's own time must not slow
+                # sampling below the interval. One that ran long is not caught up in a burst.
+                next_tick += self.interval
+                if next_tick < time.monotonic():
+                    next_tick = time.monotonic() + self.interval
 
     def _drain(self) -> None:
         while True:
