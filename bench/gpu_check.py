@@ -119,7 +119,10 @@ def workspace(work: Path, name: str) -> Path:
 def grant(check: Check, ledger: Ledger, w: Watcher, work: Path, py: str, ids: list[int]) -> None:
     ws = workspace(work, "grant")
     with Sandbox(policy(1), ws, gate=False, ledger=ledger, watch=w, gpu_ids=ids) as sb:
-        env = sb.run("echo $CUDA_VISIBLE_DEVICES; ls /dev | grep nvidia | tr '\\n' ' '")
+        env = sb.run(
+            "echo $CUDA_VISIBLE_DEVICES; ls /dev | grep nvidia | tr '\\n' ' ';"
+            " echo; echo sysfs entries: $(ls /sys | wc -l)"
+        )
         r = sb.run(f"{py} cuda_spin.py count", timeout=120)
     seen = first_json(r.stdout)
     check.expect(

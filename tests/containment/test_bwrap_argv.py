@@ -134,3 +134,19 @@ def test_a_gpu_grant_on_a_machine_without_gpus_is_a_no_op(tmp_path: Path) -> Non
     dev = _fake_dev(tmp_path, 0)
     a = bwrap_argv(SandboxSpec(workspace=tmp_path, gpus=1), ["true"], dev=dev)
     assert "--dev-bind" not in a
+
+
+def test_only_a_gpu_grant_keeps_sysfs_and_then_read_only(tmp_path: Path) -> None:
+    # CUDA cannot start without /sys; nothing else in a sandbox needs the host's devices.
+    import subprocess
+
+    dev = _fake_dev(tmp_path, 1)
+    probe = ["sh", "-c", "ls /sys | wc -l; touch /sys/kernel/x 2>/dev/null || echo read-only"]
+    plain = bwrap_argv(SandboxSpec(workspace=tmp_path, gpus=0), probe, dev=dev)
+    granted = bwrap_argv(SandboxSpec(workspace=tmp_path, gpus=1), probe, dev=dev)
+    assert "/sys" in [plain[i + 1] for i, x in enumerate(plain) if x == "--tmpfs"]
+    assert "/sys" not in [granted[i + 1] for i, x in enumerate(granted) if x == "--tmpfs"]
+    out = subprocess.run(plain, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "read-only"]
+    out = subprocess.run(granted, capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) > 0 and out[1] == "read-only"

@@ -117,6 +117,10 @@ def bwrap_argv(
     (a sandbox with a network asks the egress proxy's DNS stub on its loopback)."""
     ws = str(spec.workspace)
     resolv_at = _resolv_target() if resolv_conf is not None else None
+    gpu_args, gpu_env = gpu_binds(spec.gpus, dev, spec.gpu_ids)
+    # CUDA does not start without sysfs (cuInit fails with CUDA_ERROR_OPERATING_SYSTEM):
+    # a sandbox granted a GPU keeps the root bind's read-only /sys; others get none.
+    emptied = [p for p in _EMPTY_RO if not (p == "/sys" and gpu_args)]
     args = [
         "bwrap",
         "--unshare-user",
@@ -150,7 +154,7 @@ def bwrap_argv(
         "--dir",
         SANDBOX_HOME,
     ]
-    for path in _EMPTY_RO:
+    for path in emptied:
         if os.path.isdir(path):
             args += ["--tmpfs", path]
             if path == "/run" and io_dir is not None:
@@ -161,7 +165,7 @@ def bwrap_argv(
                 resolv_at = None
             args += ["--remount-ro", path]
     # Plain strings: this runs for every sandbox, and the policy may hide many paths.
-    covered = [*_EMPTY_RO, "/dev"]
+    covered = [*emptied, "/dev"]
     for hidden in sorted(map(str, spec.hidden), key=lambda x: x.count("/")):
         # Already invisible under an emptied parent; mounting into it would fail.
         if any(hidden == c or hidden.startswith(c + "/") for c in covered):
@@ -182,7 +186,6 @@ def bwrap_argv(
             args += ["--ro-bind", str(p), str(p)]
     if resolv_at is not None:
         args += ["--ro-bind", str(resolv_conf), resolv_at]
-    gpu_args, gpu_env = gpu_binds(spec.gpus, dev, spec.gpu_ids)
     args += gpu_args
     args += ["--clearenv"]
     for key, value in sorted({**spec.env, **gpu_env}.items()):
