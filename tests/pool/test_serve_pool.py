@@ -132,3 +132,28 @@ def test_corral_serve_ray_says_what_it_needs(tmp_path: Path) -> None:
     )
     # No token and no --local-only: refused before Ray is touched.
     assert r.returncode == 2 and "token" in r.stderr.lower(), r.stderr
+
+
+def test_a_host_killed_under_a_rollout_fails_its_calls_and_the_pool_serves_on(
+    pool: SandboxPool,
+) -> None:
+    import ray
+
+    async def rollout(url: str) -> None:
+        sb = sdk(url)
+        await sb.start()
+        assert (await sb.arun("echo up")).output == "up\n"
+        (placed,) = [s for s in pool.sandboxes if s.id == sb.sandbox_id]
+        ray.kill(pool.actor(placed.host))  # SIGKILL: the host runs no cleanup
+        # The next call is a Failed answer naming the dead host, at once, not a hang.
+        with pytest.raises(Exception, match=f"{placed.host} died"):
+            await asyncio.wait_for(sb.arun("echo again"), timeout=60)
+        # The pool put a new host on the node: a new rollout is served.
+        assert wait_for(lambda: all(h["alive"] for h in pool.hosts()), timeout=60)
+        again = sdk(url)
+        await again.start()
+        assert (await again.arun("echo served")).output == "served\n"
+        await again.stop()
+
+    with serving_pool(pool, Tokens({ALICE: "alice"})) as url:
+        asyncio.run(rollout(url))
