@@ -4,7 +4,6 @@ clock, the policy's overrides, and state that goes with the process or sandbox."
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +81,12 @@ def test_events_no_rule_looks_at_cost_nothing(engine: Engine) -> None:
     assert engine.feed({"kind": None}) == []
     assert engine.feed({}) == []
     benign = ev("exec", argv=["ls", "-la"], exe="/usr/bin/ls", stdio_sockets=False)
-    start = time.perf_counter()
     for _ in range(2000):
-        engine.feed(benign)
-        engine.feed(ev("exit"))
-    assert time.perf_counter() - start < 0.5  # about 10 µs a pair; generous for slow CI
+        assert engine.feed(benign) == []
+        assert engine.feed(ev("exit")) == []
+    # Nothing is kept for a process that has exited: a watcher running for weeks does not
+    # grow with the programs it has seen. (Its speed is measured in bench/watch_bench.py.)
+    assert sum(len(procs) for procs in engine._procs.values()) == 0
 
 
 def test_several_rules_can_fire_on_one_event_in_file_order(engine: Engine) -> None:
