@@ -93,8 +93,10 @@ def main() -> int:
     print(f"GPUs: device nodes {devices}, UUIDs {uuids}", flush=True)
     watcher = Watcher(gpu=nvml)
     work = Path(tempfile.mkdtemp(prefix="corral-gpu-check-"))
-    # The loop needs no corral, only a Python the sandbox can see: the system's.
-    py = "python3"
+    # The loop needs no corral, only a Python the sandbox can see: the system's, on the
+    # sandbox's PATH; else this one's, if the policy does not hide where it lives.
+    on_path = any(Path(d, "python3").exists() for d in ("/usr/bin", "/usr/local/bin", "/bin"))
+    py = "python3" if on_path else sys.executable
     try:
         with Ledger.open(work / "ledger.db") as ledger:
             grant(check, ledger, watcher, work, py, ids)
