@@ -22,6 +22,7 @@ from corral.sandbox import Sandbox
 from corral.sandbox.backend import SandboxError
 from corral.sandbox.bwrap import BwrapBackend
 
+from ..procs import wait_for
 from .servers import CertAuthority, GitServer, HTTPServer, PackageIndex, SSHServer
 
 
@@ -54,13 +55,6 @@ def net_events(ledger: Ledger, action_id: str | None = None) -> list[dict[str, A
         ):
             out.append(rec.body["fields"] | {"_action": rec.action_id, "_pid": rec.body["pid"]})
     return out
-
-
-def wait_for(pred: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return bool(pred())
 
 
 def test_the_sandbox_is_told_where_the_proxy_is(tmp_path: Path, ledger: Ledger) -> None:

@@ -24,7 +24,7 @@ from corral.watch.gpu import FakeGpuBackend, GpuProcess
 from corral.watch.watcher import Watcher
 
 from ..egress.servers import SSHServer
-from ..procs import running
+from ..procs import running, wait_for
 from ..watching import policy
 
 POOL_HOST = "127.0.0.2"
@@ -33,16 +33,6 @@ STRATUM_PORTS = (3333, 4444, 5555, 7777, 14444)  # all on the detectors' miner p
 
 def alerts(ledger: Ledger) -> list[dict[str, Any]]:
     return [rec.body | {"_action": rec.action_id} for rec in ledger.records(kinds="alert")]
-
-
-def wait_for(pred: Any, timeout: float = 8.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    return pred()
 
 
 class MockPool:

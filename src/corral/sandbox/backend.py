@@ -147,6 +147,7 @@ class ExecResult:
     peak_memory: int | None = None  # the sandbox's peak memory so far (cgroup)
     oom_killed: bool = False
     pids_limited: bool = False
+    sandbox_cpu_s: float | None = None  # the sandbox's CPU time so far, all it has run
 
 
 class Backend(Protocol):

@@ -637,10 +637,11 @@ class BwrapBackend:
         timed_out: bool,
     ) -> ExecResult:
         stderr = err.decode("utf-8", "replace")
-        cpu = peak = None
+        cpu = peak = total = None
         oom = pids_hit = False
         if box.cgroup and before:
             after = box.cgroup.usage()
+            total = after.cpu_seconds
             if after.cpu_seconds is not None and before.cpu_seconds is not None:
                 cpu = after.cpu_seconds - before.cpu_seconds
             peak = after.peak_memory
@@ -662,6 +663,7 @@ class BwrapBackend:
             peak,
             oom,
             pids_hit,
+            total,
         )
 
     def read_file(self, sandbox_id: str, path: str) -> bytes:

@@ -241,8 +241,8 @@ class Sandbox:
             with self._events_lock:
                 self._running = None
         self._record_exec(action, what, r)
-        if self.budget.cpu_seconds is not None:  # also held between commands, by the watcher
-            self.hold_budget(self.backend.usage(self.id))
+        # The exec's own reading of the cgroup; between commands the watcher holds it.
+        self.hold_budget({"cpu_s": r.sandbox_cpu_s})
         with self._events_lock:
             alerts = tuple(self._alerts)
         if self.review is not None:
